@@ -1,0 +1,190 @@
+"""Phase 2 math: the DLDR basis of a sharded snapshot trajectory, or a random one to compare with.
+
+With W = [w_1 - m, ..., w_t - m] the centred snapshot matrix (D x t), the top-d eigenpairs
+(sigma_i^2, v_i) of the t x t Gram W^T W give the top-d left singular vectors of W:
+u_i = W v_i / sigma_i. W is never formed: each parameter shard r streams its snapshot files in
+row blocks, so a block holds every snapshot of its rows and is centred exactly there (this
+avoids the cancellation of centring the raw Gram afterwards). The shards' t x t Grams are
+summed, ``eigh`` runs once in float64, and each shard writes its slice P_r of the basis in a
+second streamed pass. Peak memory per shard: one block of rows x t, plus t x t.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dldr.errors import DldrError
+from dldr.store import RunStore, basis_path, mean_path
+
+BLOCK_BYTES = 64 << 20
+ORTHONORMALITY_TOL = 1e-3
+# Eigenvalues below this fraction of the largest are rounding, not directions of the trajectory.
+RANK_RTOL = 1e-10
+
+ColumnFn = Callable[[np.ndarray, int], np.ndarray]
+
+
+@dataclass
+class BasisReport:
+    kind: str
+    dim: int
+    num_snapshots: int
+    num_params: int
+    num_shards: int
+    explained_variance_ratio: float
+    orthonormality_error: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def block_rows(num_snapshots: int, block_bytes: int = BLOCK_BYTES) -> int:
+    return max(1, block_bytes // (8 * num_snapshots))
+
+
+def centred_blocks(store: RunStore, rels: list[str], rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (row means, centred block) over one shard's snapshots, rows x t in float64.
+
+    The checksums of all files are verified once the last block has been read.
+    """
+    readers = []
+    try:
+        for rel in rels:
+            readers.append(store.row_reader(rel))
+        length = readers[0].shape
+        for reader in readers:
+            if reader.shape != length or len(length) != 1:
+                raise DldrError(f"{store.abspath(reader.rel)} has shape {reader.shape}, expected {length} "
+                                "like the other snapshots of its shard; re-run `dldr sample`")
+        for _ in range(0, length[0], rows):
+            block = np.stack([r.read(rows) for r in readers], axis=1).astype(np.float64)
+            mean = block.mean(axis=1)
+            yield mean, block - mean[:, None]
+        for reader in readers:
+            reader.finish()
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def shard_gram(store: RunStore, rels: list[str], block_bytes: int = BLOCK_BYTES) -> np.ndarray:
+    """The centred Gram W_r^T W_r (t x t, float64) of one shard."""
+    t = len(rels)
+    gram = np.zeros((t, t))
+    for _, centred in centred_blocks(store, rels, block_rows(t, block_bytes)):
+        gram += centred.T @ centred
+    return gram
+
+
+def decompose(gram: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, all t) and the top-``dim`` eigenvectors of the centred Gram."""
+    t = gram.shape[0]
+    if dim < 1:
+        raise DldrError(f"--dim must be at least 1, got {dim}")
+    if dim >= t:
+        raise DldrError(f"--dim {dim} needs at least {dim + 1} snapshots, the run has {t}; sample more "
+                        "(more --sample-epochs or a smaller --snapshot-every) or lower --dim")
+    eigvals, eigvecs = np.linalg.eigh(gram)
+    eigvals, eigvecs = np.clip(eigvals[::-1], 0.0, None), eigvecs[:, ::-1]
+    rank = int(np.sum(eigvals > RANK_RTOL * eigvals[0])) if eigvals[0] > 0 else 0
+    if rank < dim:
+        raise DldrError(f"the {t} snapshots span only {rank} directions, fewer than --dim {dim}; "
+                        f"sample a trajectory that moves more (a larger --lr, more snapshots) or use --dim {max(rank, 1)}")
+    return eigvals, eigvecs[:, :dim]
+
+
+def write_shard(store: RunStore, rank: int, num_shards: int, rels: list[str], columns: ColumnFn,
+                dim: int, block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Stream one shard again, writing its basis slice P_r (D_r x d) and snapshot mean m_r.
+
+    Returns P_r^T P_r (d x d) and P_r^T W_r (d x t), summed over shards by the caller for the
+    orthonormality check and the variance the subspace captures.
+    """
+    t = len(rels)
+    length = store.manifest[rels[0]]["shape"][0]
+    gram_p, proj = np.zeros((dim, dim)), np.zeros((dim, t))
+    with store.array_writer(basis_path(rank, num_shards), (length, dim), np.float32) as out_p, \
+            store.array_writer(mean_path(rank, num_shards), (length,), np.float32) as out_m:
+        for mean, centred in centred_blocks(store, rels, block_rows(t, block_bytes)):
+            block = columns(centred, rank).astype(np.float32)
+            out_p.write(block)
+            out_m.write(mean)
+            block = block.astype(np.float64)
+            gram_p += block.T @ block
+            proj += block.T @ centred
+    return gram_p, proj
+
+
+def trajectory_columns(eigvals: np.ndarray, eigvecs: np.ndarray) -> ColumnFn:
+    """u_i = W v_i / sigma_i, applied to a centred row block."""
+    coeffs = eigvecs / np.sqrt(eigvals[: eigvecs.shape[1]])
+    return lambda centred, rank: centred @ coeffs
+
+
+def random_columns(shard_lengths: list[int], dim: int, seed: int, block_bytes: int = BLOCK_BYTES) -> ColumnFn:
+    """Gaussian columns with unit norm over all shards (Li et al. 2018), drawn block by block.
+
+    Each shard draws from its own seeded stream in row order, once to sum the squared column
+    norms across shards and once more, in ``write_shard``, to emit the normalised columns.
+    """
+    rows = block_rows(dim, block_bytes)
+    sq_norms = np.zeros(dim)
+    for rank, length in enumerate(shard_lengths):
+        rng = np.random.default_rng([seed, rank])
+        for start in range(0, length, rows):
+            sq_norms += np.sum(rng.standard_normal((min(rows, length - start), dim)) ** 2, axis=0)
+    scale = 1.0 / np.sqrt(sq_norms)
+    streams: dict[int, np.random.Generator] = {}
+
+    def columns(centred: np.ndarray, rank: int) -> np.ndarray:
+        rng = streams.setdefault(rank, np.random.default_rng([seed, rank]))
+        return rng.standard_normal((centred.shape[0], dim)) * scale
+
+    return columns
+
+
+def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int = 0,
+                block_bytes: int = BLOCK_BYTES) -> BasisReport:
+    """Phase 2 in one process: loop the per-shard steps over every shard of the run."""
+    start = time.perf_counter()
+    shards = store.snapshot_shards()
+    t = len(shards[0])
+    gram = sum(shard_gram(store, rels, block_bytes) for rels in shards)
+    eigvals, eigvecs = decompose(gram, dim)
+    lengths = [store.manifest[rels[0]]["shape"][0] for rels in shards]
+    if kind == "trajectory":
+        columns = trajectory_columns(eigvals, eigvecs)
+    elif kind == "random":
+        columns = random_columns(lengths, dim, seed, block_bytes)
+    else:
+        raise DldrError(f"unknown subspace {kind!r}; use trajectory or random")
+    gram_p, proj = np.zeros((dim, dim)), np.zeros((dim, t))
+    for rank, rels in enumerate(shards):
+        shard_p, shard_proj = write_shard(store, rank, len(shards), rels, columns, dim, block_bytes)
+        gram_p += shard_p
+        proj += shard_proj
+    store.save_array("basis/gram.npy", gram)
+    store.save_array("basis/eigvals.npy", eigvals)
+    report = BasisReport(
+        kind=kind, dim=dim, num_snapshots=t, num_params=sum(lengths), num_shards=len(shards),
+        explained_variance_ratio=captured_variance(gram_p, proj, eigvals),
+        orthonormality_error=float(np.abs(gram_p - np.eye(dim)).max()),
+        seconds=time.perf_counter() - start,
+    )
+    if kind == "trajectory" and report.orthonormality_error > ORTHONORMALITY_TOL:
+        raise DldrError(f"the basis is not orthonormal (max |P^T P - I| = {report.orthonormality_error:.2e}): "
+                        "the trajectory is nearly degenerate; lower --dim or sample longer")
+    store.write_json("basis/report.json", report.to_dict())
+    return report
+
+
+def captured_variance(gram_p: np.ndarray, proj: np.ndarray, eigvals: np.ndarray) -> float:
+    """Fraction of the trajectory's variance inside span(P): tr(W^T P (P^T P)^-1 P^T W) / tr(W^T W).
+
+    For the DLDR basis this is the explained-variance ratio of the top d eigenvalues.
+    """
+    return float(np.trace(proj.T @ np.linalg.solve(gram_p, proj)) / eigvals.sum())

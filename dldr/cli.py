@@ -1,0 +1,117 @@
+"""``dldr``: run DLDR end to end (``fit``) or one phase on an existing run directory."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from typing import Any
+
+from dldr import phases
+from dldr.config import CHOICES, Config
+from dldr.errors import DldrError
+
+# Flags shared by every command, each a Config field; only the flags given override the config.
+_HELP = {
+    "model": "timm model name, or mlp (default for digits)",
+    "data": "data set: digits (bundled) or synthetic:CxHxW:K",
+    "run_dir": "run directory: a local path or an fsspec URL",
+    "sample_epochs": "SGD epochs of phase 1",
+    "snapshot_every": "snapshot every K SGD steps; 0 = at the start and after every epoch",
+    "dim": "subspace dimension d",
+    "start": "w_start: the first or last snapshot, or their mean",
+    "optimizer": "phase 3 optimizer",
+    "subspace": "the DLDR basis, or random directions (for comparison)",
+    "subspace_epochs": "epochs of phase 3",
+    "batch_size": "mini-batch size of phases 1 and 3",
+    "lr": "SGD learning rate of phase 1",
+    "subspace_lr": "P-SGD learning rate of phase 3",
+    "weight_decay": "SGD weight decay of phase 1",
+    "momentum": "momentum of SGD and P-SGD",
+    "label_noise": "fraction of training labels replaced by a uniformly drawn class",
+    "seed": "random seed",
+    "device": "torch device",
+    "armijo_sigma": "P-BFGS sufficient-decrease constant",
+    "armijo_beta": "P-BFGS backtracking factor",
+    "max_trials": "P-BFGS line-search trials per step",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE.yaml", help="YAML file of configuration keys")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        common.add_argument(flag, dest=f.name, type=type(f.default), choices=CHOICES.get(f.name),
+                            default=argparse.SUPPRESS, help=_HELP[f.name] + f" (default: {f.default or 'runs/<time>'})")
+    parser = argparse.ArgumentParser(prog="dldr", description="Train neural networks in a tiny subspace "
+                                     "of their parameters (DLDR + P-BFGS).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("fit", parents=[common], help="all three phases in a new run directory")
+    sub.add_parser("sample", parents=[common], help="phase 1: SGD, writing parameter snapshots")
+    sub.add_parser("basis", parents=[common], help="phase 2: the d-dimensional basis of a run's snapshots")
+    sub.add_parser("train", parents=[common], help="phase 3: train in the subspace of a run's basis")
+    return parser
+
+
+def _config_values(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if args.config:
+        try:
+            with open(args.config) as f:
+                values.update(Config.read_yaml(f.read(), source=args.config))
+        except OSError as e:
+            raise DldrError(f"cannot read --config {args.config}: {e.strerror}") from None
+    values.update({f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    return values
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
+    values = _config_values(args)
+    progress = not args.quiet
+    if args.command == "fit" or (args.command == "sample" and "run_dir" not in values):
+        run = phases.start_run(Config.from_dict(values, source="command line"), progress)
+    elif "run_dir" not in values:
+        raise DldrError(f"`dldr {args.command}` needs the --run-dir of an existing run")
+    else:
+        run = phases.open_run(values.pop("run_dir"), values, progress)
+    names = list(phases.PHASE_FUNCTIONS) if args.command == "fit" else [args.command]
+    for name in names:
+        phases.PHASE_FUNCTIONS[name](run)
+    _print_summary(run)
+    return run.log.summary
+
+
+def _print_summary(run: phases.Run) -> None:
+    p = run.log.summary["phases"]
+    lines = [f"run directory   {run.store.url}"]
+    if "sample" in p:
+        s = p["sample"]
+        lines.append(f"sample          {s['epochs']} epochs of SGD, {s['snapshots']} snapshots, "
+                     f"test accuracy {s['test_accuracy']:.4f}, {s['seconds']:.1f} s")
+    if "basis" in p:
+        b = p["basis"]
+        lines.append(f"basis           {b['subspace']}, d = {b['dim']}, explained variance "
+                     f"{b['explained_variance_ratio']:.4f}, {b['seconds']:.1f} s")
+    if "train" in p:
+        t = p["train"]
+        lines.append(f"train           {t['epochs']} epochs of {t['optimizer']}, test accuracy {t['test_accuracy']:.4f}, "
+                     f"{t['line_search_failures']} line-search failures, {t['seconds']:.1f} s")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except DldrError as e:
+        print(f"dldr: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dldr: interrupted; the run directory keeps every file completed so far", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

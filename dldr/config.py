@@ -1,0 +1,93 @@
+"""The run configuration: defaults, then a YAML file, then command-line flags."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import yaml
+
+from dldr.errors import DldrError
+
+CHOICES = {
+    "start": ("first", "last", "mean"),
+    "optimizer": ("pbfgs", "psgd"),
+    "subspace": ("trajectory", "random"),
+    "device": ("cpu", "cuda"),
+}
+
+
+@dataclass
+class Config:
+    model: str = "mlp"
+    data: str = "digits"
+    run_dir: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 128
+    label_noise: float = 0.0
+    # phase 1: SGD with momentum and weight decay, snapshots at the start and every
+    # ``snapshot_every`` iterations (0: after every epoch). The defaults suit the small digits
+    # set (11 steps an epoch, so 56 snapshots); large data sets snapshot once an epoch or less.
+    sample_epochs: int = 10
+    snapshot_every: int = 2
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    # phase 2: the d-dimensional basis
+    dim: int = 40
+    subspace: str = "trajectory"
+    # phase 3: w = w_start + P c
+    start: str = "first"
+    optimizer: str = "pbfgs"
+    subspace_epochs: int = 10
+    subspace_lr: float = 0.1
+    armijo_sigma: float = 0.4
+    armijo_beta: float = 0.55
+    max_trials: int = 20
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise DldrError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                f"got {getattr(self, name)!r}")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise DldrError(f"--label-noise must be a fraction in [0, 1], got {self.label_noise}")
+        for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials"):
+            if getattr(self, name) < 1:
+                raise DldrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.snapshot_every < 0:
+            raise DldrError(f"--snapshot-every must be 0 (each epoch) or a number of steps, got {self.snapshot_every}")
+        if not self.run_dir:
+            self.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+        """``base`` (or the defaults) with ``values`` on top; unknown keys and bad types are errors."""
+        known = {f.name: f for f in fields(cls)}
+        merged = dataclasses.asdict(base) if base else {}
+        for key, value in values.items():
+            if key not in known:
+                raise DldrError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
+            kind = type(known[key].default)
+            try:
+                merged[key] = kind(value)
+            except (TypeError, ValueError):
+                raise DldrError(f"{source}: {key} must be a {kind.__name__}, got {value!r}") from None
+        return cls(**merged)
+
+    @classmethod
+    def read_yaml(cls, text: str, source: str) -> dict[str, Any]:
+        """The keys a YAML file sets, checked against the known keys and types."""
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise DldrError(f"{source} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise DldrError(f"{source} must be a mapping of keys to values")
+        cls.from_dict(values, source=source)
+        return values
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)

@@ -1,0 +1,105 @@
+"""P-BFGS: BFGS on the subspace coordinates with Armijo backtracking (Li et al. 2022, Alg. 2).
+
+Every iteration uses one mini-batch: the closure's gradient, projected to d coordinates, drives
+an inverse-Hessian BFGS update, and the step length is found by backtracking on the same batch.
+Only d x d state is kept, in float64. Trial forwards run without autograd, and the given
+buffers (BatchNorm running statistics) are restored in memory after each one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from dldr.optim.base import SubspaceOptimizer
+from dldr.subspace import Subspace
+
+
+def inverse_hessian_update(inv_hessian: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """H <- V^T H V + rho s s^T with V = I - rho y s^T and rho = 1 / y^T s."""
+    rho = 1.0 / (y @ s)
+    v = torch.eye(len(s), dtype=s.dtype) - rho * torch.outer(y, s)
+    return v.T @ inv_hessian @ v + rho * torch.outer(s, s)
+
+
+class PBFGS(SubspaceOptimizer):
+    """Quasi-Newton steps w <- w + alpha P p in the span of a ``Subspace``.
+
+    ``step(closure)``: the closure zeroes the gradients, computes the mini-batch loss, calls
+    ``backward()`` when gradients are enabled, and returns the loss. It is called once with
+    gradients and then without, at each line-search trial, on the same batch.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], subspace: Subspace,
+                 buffers: Iterable[torch.Tensor] = (), sigma: float = 0.4, beta: float = 0.55,
+                 max_trials: int = 20, curvature_eps: float = 1e-10):
+        if not 0 < sigma < 1 or not 0 < beta < 1 or max_trials < 1:
+            raise ValueError(f"need 0 < sigma < 1, 0 < beta < 1, max_trials >= 1; got {sigma}, {beta}, {max_trials}")
+        super().__init__(params, subspace, dict(sigma=sigma, beta=beta, max_trials=max_trials,
+                                                curvature_eps=curvature_eps))
+        self.buffers = list(buffers)
+
+    def _state(self) -> dict[str, Any]:
+        state = self._store
+        if not state:
+            d = self.subspace.dim
+            state.update(
+                coords=torch.zeros(d, dtype=torch.float64), inv_hessian=torch.eye(d, dtype=torch.float64),
+                prev_grad=torch.zeros(d, dtype=torch.float64), prev_step=torch.zeros(d, dtype=torch.float64),
+                n_iter=0, trials=0, line_search_failures=0, curvature_skips=0, descent_resets=0,
+            )
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        group = self.param_groups[0]
+        state = self._state()
+        with torch.enable_grad():
+            loss = closure()
+        f0 = self.subspace.average(float(loss))
+        if not torch.isfinite(torch.tensor(f0)):
+            raise FloatingPointError(f"non-finite loss {f0} at P-BFGS iteration {state['n_iter']}")
+        grad = self.subspace.project(self._flat.grad())
+        inv_hessian = state["inv_hessian"]
+        if state["n_iter"] > 0:
+            y, s = grad - state["prev_grad"], state["prev_step"]
+            if y @ s > group["curvature_eps"]:
+                inv_hessian = inverse_hessian_update(inv_hessian, s, y)
+            else:
+                state["curvature_skips"] += 1
+        direction = -inv_hessian @ grad
+        if grad @ direction >= 0:
+            inv_hessian = torch.eye(len(grad), dtype=torch.float64)
+            direction = -grad
+            state["descent_resets"] += 1
+        alpha = self._line_search(closure, f0, direction, float(grad @ direction), group, state)
+        if alpha is None:
+            inv_hessian = torch.eye(len(grad), dtype=torch.float64)
+            step = torch.zeros_like(grad)
+            state["line_search_failures"] += 1
+        else:
+            step = alpha * direction
+            state["coords"] = state["coords"] + step
+        state.update(inv_hessian=inv_hessian, prev_grad=grad, prev_step=step, n_iter=state["n_iter"] + 1)
+        return loss
+
+    def _line_search(self, closure: Callable[[], torch.Tensor], f0: float, direction: torch.Tensor,
+                     slope: float, group: dict[str, Any], state: dict[str, Any]) -> float | None:
+        """Armijo backtracking on the current batch; leaves w at the accepted point, or unchanged."""
+        lifted = self.subspace.lift(direction)
+        base = self._flat.get()
+        saved = [b.clone() for b in self.buffers]
+        alpha = 1.0
+        for _ in range(group["max_trials"]):
+            self._flat.set_combination(base, lifted, alpha)
+            f = self.subspace.average(float(closure()))
+            for b, v in zip(self.buffers, saved):
+                b.copy_(v)
+            state["trials"] += 1
+            if f <= f0 + group["sigma"] * alpha * slope:
+                return alpha
+            alpha *= group["beta"]
+        self._flat.set(base)
+        return None

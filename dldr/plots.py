@@ -1,0 +1,52 @@
+"""PNG figures of a run, drawn without pyplot so no display or global state is needed."""
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+_COLORS = {"sample": "tab:blue", "train": "tab:orange"}
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def explained_variance(eigvals: np.ndarray, dim: int) -> bytes:
+    """Cumulative share of the trajectory's variance against the number of directions."""
+    ratio = np.cumsum(eigvals) / eigvals.sum()
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
+    ax.plot(np.arange(1, len(ratio) + 1), ratio, marker=".")
+    ax.axvline(dim, color="gray", linestyle="--", label=f"d = {dim}: {ratio[dim - 1]:.3f}")
+    ax.set(xlabel="number of principal directions", ylabel="explained variance ratio",
+           title="DLDR: variance of the SGD trajectory", ylim=(0, 1.02))
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def curves(records: list[dict[str, Any]]) -> bytes:
+    """Training loss and test accuracy per epoch, the phases one after the other."""
+    fig = Figure(figsize=(9, 3.5))
+    ax_loss, ax_acc = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    offset = 0
+    for phase, color in _COLORS.items():
+        rows = [r for r in records if r["phase"] == phase and "epoch" in r]
+        if not rows:
+            continue
+        x = [offset + r["epoch"] for r in rows]
+        label = phase if phase == "sample" else f"train ({rows[0].get('optimizer', '')})"
+        ax_loss.plot(x, [r["train_loss"] for r in rows], color=color, marker=".", label=label)
+        ax_acc.plot(x, [r["test_accuracy"] for r in rows], color=color, marker=".", label=label)
+        offset = x[-1]
+    ax_loss.set(xlabel="epoch", ylabel="training loss", yscale="log")
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _png(fig)

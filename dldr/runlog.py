@@ -1,0 +1,42 @@
+"""metrics.jsonl and summary.json: what each phase of a run logged and what it achieved.
+
+Phases run in order, so re-running one (``dldr basis --dim 20``) drops what it and the phases
+after it had logged: the log always describes the artifacts in the run directory.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dldr.store import RunStore
+
+PHASES = ("sample", "basis", "train")
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+class RunLog:
+    def __init__(self, store: RunStore):
+        self.store = store
+        self.records: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {"test_accuracy": None, "phases": {}}
+        if store.exists(METRICS):
+            self.records = [json.loads(line) for line in store.read_bytes(METRICS).decode().splitlines()]
+        if store.exists(SUMMARY):
+            self.summary = store.read_json(SUMMARY)
+
+    def begin(self, phase: str) -> None:
+        stale = set(PHASES[PHASES.index(phase):])
+        self.records = [r for r in self.records if r["phase"] not in stale]
+        self.summary["phases"] = {k: v for k, v in self.summary["phases"].items() if k not in stale}
+
+    def log(self, phase: str, **values: Any) -> None:
+        self.records.append({"phase": phase, **values})
+        self.store.write_bytes(METRICS, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+
+    def finish(self, phase: str, result: dict[str, Any]) -> None:
+        phases = self.summary["phases"]
+        phases[phase] = result
+        last = next((phases[p] for p in reversed(PHASES) if "test_accuracy" in phases.get(p, {})), {})
+        self.summary["test_accuracy"] = last.get("test_accuracy")
+        self.store.write_json(SUMMARY, self.summary)

@@ -1,0 +1,278 @@
+"""The run directory: files over fsspec, each written whole and recorded with its sha256.
+
+A file is written to a temporary name and renamed into place (on object stores, where a put is
+already atomic, it is written under its final name), and only then recorded in
+``manifest.json``, which is itself replaced atomically. Readers check the recorded checksum and
+name the file when it does not match, so a torn or corrupted file is never used silently.
+Arrays are .npy files read with ``allow_pickle=False``; large ones can be read and written in
+row blocks so no process needs a whole snapshot matrix in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import posixpath
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import fsspec
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from dldr.errors import DldrError
+
+MANIFEST = "manifest.json"
+
+# Which command writes the files under each top-level folder, for "re-run X" advice.
+_WRITER = {"snapshots": "dldr sample", "basis": "dldr basis", "data": "dldr sample"}
+
+
+def snapshot_path(rank: int, num_shards: int, step: int) -> str:
+    return f"snapshots/{shard_name(rank, num_shards)}/step-{step:06d}.npy"
+
+
+def basis_path(rank: int, num_shards: int) -> str:
+    return f"basis/{shard_name(rank, num_shards)}.npy"
+
+
+def mean_path(rank: int, num_shards: int) -> str:
+    return f"basis/mean-{shard_name(rank, num_shards)}.npy"
+
+
+def shard_name(rank: int, num_shards: int) -> str:
+    return f"shard-{rank:05d}-of-{num_shards:05d}"
+
+
+class _HashingFile:
+    """A file wrapper that feeds every byte read or written to a sha256."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+
+class RunStore:
+    """A run directory at a local path or any fsspec URL (``memory://run``, ``s3://bucket/run``)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self._atomic_rename = isinstance(self.fs, LocalFileSystem)
+        self._lock = threading.Lock()
+        self.manifest: dict[str, dict[str, Any]] = {}
+        if self.fs.exists(self.abspath(MANIFEST)):
+            with self.fs.open(self.abspath(MANIFEST), "rb") as f:
+                self.manifest = json.load(f)["files"]
+
+    def abspath(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    def has_run(self) -> bool:
+        return bool(self.manifest)
+
+    def exists(self, rel: str) -> bool:
+        return rel in self.manifest
+
+    def files(self, prefix: str) -> list[str]:
+        return sorted(rel for rel in self.manifest if rel.startswith(prefix))
+
+    def snapshot_shards(self) -> list[list[str]]:
+        """The snapshot files of each shard, in rank order, each list in step order."""
+        by_shard: dict[str, list[str]] = {}
+        for rel in self.files("snapshots/"):
+            by_shard.setdefault(rel.split("/")[1], []).append(rel)
+        if not by_shard:
+            raise DldrError(f"{self.url} holds no snapshots; run `dldr sample` (or `dldr fit`) first")
+        num_shards = len(by_shard)
+        expected = [shard_name(r, num_shards) for r in range(num_shards)]
+        if sorted(by_shard) != expected:
+            raise DldrError(f"{self.url} has snapshot folders {sorted(by_shard)}, expected {expected}; "
+                            "re-run `dldr sample`")
+        steps = [[posixpath.basename(rel) for rel in by_shard[name]] for name in expected]
+        if any(s != steps[0] for s in steps):
+            raise DldrError(f"the snapshot shards of {self.url} hold different steps; re-run `dldr sample`")
+        return [by_shard[name] for name in expected]
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer(self, rel: str, **meta: Any) -> Iterator[_HashingFile]:
+        """Yield a file to write ``rel`` into; it appears and enters the manifest only on success."""
+        final = self.abspath(rel)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}" if self._atomic_rename else final
+        try:
+            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+            with self.fs.open(tmp, "wb") as raw:
+                f = _HashingFile(raw)
+                yield f
+            if self._atomic_rename:
+                self.fs.mv(tmp, final)
+        except OSError as e:
+            self._discard(tmp)
+            raise DldrError(f"cannot write {final}: {e.strerror or e}; choose a writable --run-dir") from e
+        except BaseException:
+            self._discard(tmp)
+            raise
+        self._record(rel, {"sha256": f.sha.hexdigest(), "bytes": f.size, **meta})
+
+    def _discard(self, tmp: str) -> None:
+        with contextlib.suppress(OSError):
+            if self._atomic_rename and self.fs.exists(tmp):
+                self.fs.rm(tmp)
+
+    def _record(self, rel: str, entry: dict[str, Any]) -> None:
+        with self._lock:
+            self.manifest[rel] = entry
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        data = json.dumps({"files": self.manifest}, indent=1, sort_keys=True).encode()
+        final = self.abspath(MANIFEST)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}" if self._atomic_rename else final
+        self.fs.pipe_file(tmp, data)
+        if self._atomic_rename:
+            self.fs.mv(tmp, final)
+
+    def remove(self, prefix: str) -> None:
+        """Forget and delete every recorded file under ``prefix``, e.g. a phase's stale outputs."""
+        doomed = self.files(prefix)
+        if not doomed:
+            return
+        with self._lock:
+            for rel in doomed:
+                del self.manifest[rel]
+            self._write_manifest()
+        for rel in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(self.abspath(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.writer(rel) as f:
+            f.write(data)
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2).encode() + b"\n")
+
+    def save_array(self, rel: str, array: np.ndarray) -> None:
+        with self.writer(rel, shape=list(array.shape), dtype=array.dtype.str) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+    @contextlib.contextmanager
+    def array_writer(self, rel: str, shape: tuple[int, ...], dtype: np.dtype) -> Iterator["RowWriter"]:
+        """Write a C-ordered array of ``shape`` block by block, for arrays too big to hold."""
+        dtype = np.dtype(dtype)
+        with self.writer(rel, shape=list(shape), dtype=dtype.str) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                      "shape": tuple(shape)}
+            np.lib.format.write_array_header_1_0(f, header)
+            w = RowWriter(f, shape, dtype)
+            yield w
+            if w.rows != shape[0]:
+                raise RuntimeError(f"{rel}: wrote {w.rows} of {shape[0]} rows")
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def _entry(self, rel: str) -> dict[str, Any]:
+        if rel not in self.manifest or not self.fs.exists(self.abspath(rel)):
+            raise DldrError(f"{self.abspath(rel)} is missing from the run directory; {self._advice(rel)}")
+        return self.manifest[rel]
+
+    def _advice(self, rel: str) -> str:
+        writer = _WRITER.get(rel.split("/", 1)[0])
+        return f"re-run `{writer}` to write it again" if writer else "re-run the phase that writes it"
+
+    def _check(self, rel: str, sha256: str) -> None:
+        if sha256 != self.manifest[rel]["sha256"]:
+            raise DldrError(f"{self.abspath(rel)} is corrupt (its sha256 does not match manifest.json); "
+                            f"{self._advice(rel)}")
+
+    def read_bytes(self, rel: str) -> bytes:
+        self._entry(rel)
+        data = self.fs.cat_file(self.abspath(rel))
+        self._check(rel, hashlib.sha256(data).hexdigest())
+        return data
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def load_array(self, rel: str) -> np.ndarray:
+        try:
+            return np.load(io.BytesIO(self.read_bytes(rel)), allow_pickle=False)
+        except ValueError as e:
+            raise DldrError(f"{self.abspath(rel)} is not a readable .npy array ({e}); {self._advice(rel)}") from e
+
+    def row_reader(self, rel: str) -> "RowReader":
+        self._entry(rel)
+        return RowReader(self, rel)
+
+
+class RowWriter:
+    def __init__(self, f: _HashingFile, shape: tuple[int, ...], dtype: np.dtype):
+        self.f, self.shape, self.dtype, self.rows = f, shape, dtype, 0
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != tuple(self.shape[1:]):
+            raise ValueError(f"block of shape {block.shape} for an array of shape {self.shape}")
+        self.f.write(block.tobytes())
+        self.rows += block.shape[0]
+
+
+class RowReader:
+    """Reads a .npy file front to back in row blocks, checking its checksum on the way."""
+
+    def __init__(self, store: RunStore, rel: str):
+        self.store, self.rel = store, rel
+        self._raw = store.fs.open(store.abspath(rel), "rb")
+        self._f = _HashingFile(self._raw)
+        try:
+            version = np.lib.format.read_magic(self._f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(self._f)
+        except ValueError as e:
+            self.close()
+            raise DldrError(f"{store.abspath(rel)} is not a readable .npy array ({e}); "
+                            f"{store._advice(rel)}") from e
+        if fortran or dtype.hasobject:
+            self.close()
+            raise DldrError(f"{store.abspath(rel)} is not a plain C-ordered numeric array; "
+                            f"{store._advice(rel)}")
+        self.shape, self.dtype = tuple(shape), dtype
+        self._row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        self.rows_read = 0
+
+    def read(self, rows: int) -> np.ndarray:
+        rows = min(rows, self.shape[0] - self.rows_read)
+        data = self._f.read(rows * self._row_bytes)
+        if len(data) != rows * self._row_bytes:
+            self.close()
+            raise DldrError(f"{self.store.abspath(self.rel)} is truncated; {self.store._advice(self.rel)}")
+        self.rows_read += rows
+        return np.frombuffer(data, dtype=self.dtype).reshape((rows, *self.shape[1:]))
+
+    def finish(self) -> None:
+        """Read what is left and verify the checksum of the whole file."""
+        while self._f.read(1 << 20):
+            pass
+        self.close()
+        self.store._check(self.rel, self._f.sha.hexdigest())
+
+    def close(self) -> None:
+        self._raw.close()

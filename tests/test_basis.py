@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+
+from dldr.basis import build_basis
+from dldr.errors import DldrError
+from dldr.store import RunStore, basis_path, mean_path, snapshot_path
+from tests.conftest import low_rank_trajectory, write_trajectory
+
+
+def _load_basis(store: RunStore, num_shards: int) -> np.ndarray:
+    return np.concatenate([store.load_array(basis_path(r, num_shards)) for r in range(num_shards)])
+
+
+def _largest_principal_angle(a: np.ndarray, b: np.ndarray) -> float:
+    qa, qb = np.linalg.qr(a.astype(np.float64))[0], np.linalg.qr(b.astype(np.float64))[0]
+    cosines = np.linalg.svd(qa.T @ qb, compute_uv=False)
+    return float(np.arccos(np.clip(cosines.min(), -1.0, 1.0)))
+
+
+@pytest.mark.parametrize("num_shards", [1, 3])
+def test_basis_is_top_singular_subspace_of_centred_snapshots(store, num_shards):
+    trajectory = low_rank_trajectory(dim=601, steps=12, rank=8)
+    write_trajectory(store, trajectory, num_shards)
+    dim = 5
+    # a small block size makes the stream cross many row blocks per shard
+    report = build_basis(store, dim, block_bytes=8 * 12 * 37)
+
+    stored = trajectory.astype(np.float32).astype(np.float64)
+    centred = stored - stored.mean(axis=1, keepdims=True)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    basis = _load_basis(store, num_shards)
+    assert basis.shape == (601, dim) and basis.dtype == np.float32
+    assert _largest_principal_angle(basis, u[:, :dim]) < 1e-4
+    # each column is the singular vector itself (up to sign), not just the same span
+    np.testing.assert_allclose(np.abs(np.sum(basis * u[:, :dim], axis=0)), 1.0, atol=1e-5)
+    np.testing.assert_allclose(basis.T.astype(np.float64) @ basis, np.eye(dim), atol=1e-5)
+    np.testing.assert_allclose(store.load_array("basis/eigvals.npy")[:dim], s[:dim] ** 2, rtol=1e-8)
+    assert report.explained_variance_ratio == pytest.approx(np.sum(s[:dim] ** 2) / np.sum(s ** 2), rel=1e-7)
+    assert report.orthonormality_error < 1e-5
+    mean = np.concatenate([store.load_array(mean_path(r, num_shards)) for r in range(num_shards)])
+    np.testing.assert_allclose(mean, stored.mean(axis=1), rtol=1e-6)
+
+
+def test_sharding_does_not_change_the_basis(tmp_path):
+    trajectory = low_rank_trajectory(dim=500, steps=10, rank=9, seed=3)
+    bases = []
+    for num_shards in (1, 2):
+        store = RunStore(str(tmp_path / f"n{num_shards}"))
+        write_trajectory(store, trajectory, num_shards)
+        build_basis(store, 6)
+        bases.append(_load_basis(store, num_shards))
+    assert _largest_principal_angle(*bases) < 1e-5
+
+
+def test_random_basis_has_unit_columns_and_captures_less_variance(tmp_path):
+    trajectory = low_rank_trajectory(dim=800, steps=10, rank=9)
+    ratios = {}
+    for kind in ("trajectory", "random"):
+        store = RunStore(str(tmp_path / kind))
+        write_trajectory(store, trajectory, 2)
+        ratios[kind] = build_basis(store, 4, kind=kind, seed=1).explained_variance_ratio
+        basis = _load_basis(store, 2)
+        np.testing.assert_allclose(np.linalg.norm(basis.astype(np.float64), axis=0), 1.0, rtol=1e-5)
+    assert ratios["random"] < 0.2 < 0.9 < ratios["trajectory"]
+
+
+def test_dim_must_be_below_number_of_snapshots(store):
+    write_trajectory(store, low_rank_trajectory(steps=6), 1)
+    with pytest.raises(DldrError, match="--dim 6 needs at least 7 snapshots, the run has 6"):
+        build_basis(store, 6)
+    assert not store.files("basis/")
+
+
+def test_rank_deficient_trajectory_is_refused(store):
+    trajectory = np.repeat(low_rank_trajectory(steps=3, rank=3), 4, axis=1)  # 12 snapshots, 2 directions
+    write_trajectory(store, trajectory, 1)
+    with pytest.raises(DldrError, match="span only 2 directions"):
+        build_basis(store, 4)
+
+
+def test_corrupt_and_missing_snapshots_are_named(store):
+    write_trajectory(store, low_rank_trajectory(steps=6), 2)
+    victim = snapshot_path(1, 2, 3)
+    path = store.abspath(victim)
+    raw = bytearray(open(path, "rb").read())
+    raw[-7] ^= 0x01
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(DldrError, match=f"{victim}.* is corrupt"):
+        build_basis(store, 2)
+    store.fs.rm(path)
+    with pytest.raises(DldrError, match=f"{victim} is missing"):
+        build_basis(store, 2)
+    assert not store.files("basis/")
