@@ -79,6 +79,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     names = list(phases.PHASE_FUNCTIONS) if args.command == "fit" else [args.command]
     for name in names:
         phases.PHASE_FUNCTIONS[name](run)
+    phases.save_config(run)
     _print_summary(run)
     return run.log.summary
 

@@ -76,9 +76,14 @@ def open_run(run_dir: str, overrides: dict[str, Any], progress: bool = True) -> 
     source = f"{run_dir}/{CONFIG}"
     base = Config.from_dict(Config.read_yaml(store.read_bytes(CONFIG).decode(), source), source=source)
     cfg = Config.from_dict({**overrides, "run_dir": run_dir}, base=base, source="command line")
-    if cfg != base:
-        store.write_bytes(CONFIG, cfg.to_yaml().encode())
     return Run(cfg, store, progress=progress)
+
+
+def save_config(run: Run) -> None:
+    """Record the configuration a phase re-run used, once it has succeeded."""
+    text = run.cfg.to_yaml().encode()
+    if run.store.read_bytes(CONFIG) != text:
+        run.store.write_bytes(CONFIG, text)
 
 
 def _model(run: Run, data: datasets.Dataset) -> nn.Module:
@@ -163,7 +168,6 @@ def basis(run: Run) -> dict[str, Any]:
     with run.bar("basis", 1) as bar:
         report = build_basis(store, cfg.dim, cfg.subspace, cfg.seed)
         bar.update()
-    store.remove(MODEL)
     eigvals = store.load_array("basis/eigvals.npy")
     store.write_bytes("plots/explained_variance.png", plots.explained_variance(eigvals, cfg.dim))
     run.log.log("basis", **report.to_dict())
@@ -207,7 +211,6 @@ def train(run: Run) -> dict[str, Any]:
         raise DldrError(f"the run's snapshots have {basis_rows.shape[0]} parameters but {cfg.model} on {cfg.data} "
                         f"has {flat.numel}; train with the --model and --data the run was sampled with")
     run.log.begin("train")
-    store.remove(MODEL)
     flat.set(torch.from_numpy(w_start).to(run.device))
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
     subspace = Subspace(torch.from_numpy(np.ascontiguousarray(basis_rows[shard])).to(run.device), shard, comm)

@@ -17,16 +17,22 @@ def _png(fig: Figure) -> bytes:
 
 
 def explained_variance(eigvals: np.ndarray, dim: int) -> bytes:
-    """Cumulative share of the trajectory's variance against the number of directions."""
-    ratio = np.cumsum(eigvals) / eigvals.sum()
-    fig = Figure(figsize=(5, 3.5))
-    ax = fig.add_subplot()
-    ax.plot(np.arange(1, len(ratio) + 1), ratio, marker=".")
-    ax.axvline(dim, color="gray", linestyle="--", label=f"d = {dim}: {ratio[dim - 1]:.3f}")
-    ax.set(xlabel="number of principal directions", ylabel="explained variance ratio",
-           title="DLDR: variance of the SGD trajectory", ylim=(0, 1.02))
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
+    """Cumulative share of the trajectory's variance, and each direction's share on a log scale."""
+    share = eigvals / eigvals.sum()
+    ratio = np.cumsum(share)
+    k = np.arange(1, len(share) + 1)
+    fig = Figure(figsize=(9, 3.5))
+    ax_cum, ax_each = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    ax_cum.plot(k, ratio, marker=".")
+    ax_cum.set(xlabel="number of principal directions", ylabel="explained variance ratio", ylim=(0, 1.02),
+               title="DLDR: variance of the SGD trajectory")
+    positive = share > 0
+    ax_each.semilogy(k[positive], share[positive], marker=".")
+    ax_each.set(xlabel="principal direction", ylabel="share of the variance")
+    for ax in (ax_cum, ax_each):
+        ax.axvline(dim, color="gray", linestyle="--", label=f"d = {dim}: {ratio[dim - 1]:.6f}")
+        ax.grid(alpha=0.3)
+        ax.legend()
     return _png(fig)
 
 

@@ -1,25 +1,6 @@
-import numpy as np
 import pytest
 
-from dldr.params import shard_slices
-from dldr.store import RunStore, snapshot_path
-
-
-def write_trajectory(store: RunStore, trajectory: np.ndarray, num_shards: int) -> None:
-    """Write a D x t trajectory as the sharded snapshot files phase 1 would write."""
-    dim, steps = trajectory.shape
-    for rank, sl in enumerate(shard_slices(dim, num_shards)):
-        for step in range(steps):
-            store.save_array(snapshot_path(rank, num_shards, step), trajectory[sl, step].astype(np.float32))
-
-
-def low_rank_trajectory(dim: int = 600, steps: int = 12, rank: int = 8, seed: int = 0) -> np.ndarray:
-    """A trajectory whose centred variance decays geometrically over ``rank`` directions, plus a far offset."""
-    rng = np.random.default_rng(seed)
-    directions = np.linalg.qr(rng.standard_normal((dim, rank)))[0]
-    scales = 2.0 ** -np.arange(rank)
-    coords = rng.standard_normal((rank, steps)) * scales[:, None]
-    return 5.0 + directions @ coords
+from dldr.store import RunStore
 
 
 @pytest.fixture

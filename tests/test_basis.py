@@ -4,7 +4,7 @@ import pytest
 from dldr.basis import build_basis
 from dldr.errors import DldrError
 from dldr.store import RunStore, basis_path, mean_path, snapshot_path
-from tests.conftest import low_rank_trajectory, write_trajectory
+from tests.helpers import low_rank_trajectory, write_trajectory
 
 
 def _load_basis(store: RunStore, num_shards: int) -> np.ndarray:

@@ -1,0 +1,205 @@
+"""`dldr` end to end on the bundled digits data: outputs, phase re-runs, and bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dldr import data as datasets
+from dldr import models
+from dldr.cli import main
+from dldr.params import FlatParams, trainable
+from dldr.phases import evaluate
+from dldr.store import RunStore
+
+SMALL = ["--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("runs") / "small")
+    assert main(["fit", "--run-dir", run_dir, *SMALL]) == 0
+    return run_dir
+
+
+def _snapshot_of_files(run_dir):
+    return json.dumps(RunStore(run_dir).manifest, sort_keys=True)
+
+
+def _assert_consistent(run_dir):
+    """Every file the manifest records is present and matches its checksum."""
+    store = RunStore(run_dir)
+    for rel in store.manifest:
+        store.read_bytes(rel)
+
+
+def test_fit_writes_the_run_directory(small_run):
+    store = RunStore(small_run)
+    steps = 3 * 11  # 1438 training digits in batches of 128
+    snapshots = [f"snapshots/shard-00000-of-00001/step-{s:06d}.npy" for s in range(steps + 1)]
+    assert store.files("snapshots/") == snapshots
+    for rel in ["config.yaml", "basis/shard-00000-of-00001.npy", "basis/eigvals.npy", "model.safetensors",
+                "metrics.jsonl", "summary.json", "plots/curves.png", "plots/explained_variance.png"]:
+        assert store.exists(rel), rel
+    num_params = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    snapshot = store.load_array(snapshots[5])
+    assert snapshot.shape == (num_params,) and snapshot.dtype == np.float32
+    basis = store.load_array("basis/shard-00000-of-00001.npy")
+    assert basis.shape == (num_params, 8) and basis.dtype == np.float32
+    np.testing.assert_allclose(basis.T.astype(np.float64) @ basis, np.eye(8), atol=1e-4)
+    assert store.read_bytes("plots/curves.png").startswith(b"\x89PNG")
+
+    summary = store.read_json("summary.json")
+    assert set(summary["phases"]["sample"]) >= {"seconds", "epochs", "snapshots", "test_accuracy"}
+    assert set(summary["phases"]["basis"]) >= {"seconds", "dim", "explained_variance_ratio"}
+    assert set(summary["phases"]["train"]) >= {"seconds", "epochs", "test_accuracy", "line_search_failures"}
+    assert summary["phases"]["sample"]["snapshots"] == steps + 1
+    assert summary["test_accuracy"] == summary["phases"]["train"]["test_accuracy"]
+    records = [json.loads(line) for line in store.read_bytes("metrics.jsonl").decode().splitlines()]
+    assert [(r["phase"], r.get("epoch")) for r in records] == [
+        ("sample", 1), ("sample", 2), ("sample", 3), ("basis", None), ("train", 1), ("train", 2)]
+
+    # the saved weights load into the model and give the reported test accuracy
+    digits = datasets.load("digits")
+    model = models.create("mlp", 10, digits.input_shape)
+    model.load_state_dict(load_file(store.abspath("model.safetensors")))
+    _, accuracy = evaluate(model, digits.test_x, digits.test_y, torch.device("cpu"))
+    assert accuracy == summary["test_accuracy"]
+
+
+def test_the_trained_model_lies_in_the_affine_subspace(small_run):
+    store = RunStore(small_run)
+    basis = store.load_array("basis/shard-00000-of-00001.npy").astype(np.float64)
+    start = store.load_array("snapshots/shard-00000-of-00001/step-000000.npy").astype(np.float64)
+    model = models.create("mlp", 10, (1, 8, 8))
+    model.load_state_dict(load_file(store.abspath("model.safetensors")))
+    w = FlatParams(trainable(model)).get().numpy().astype(np.float64)
+    offset = w - start
+    residual = offset - basis @ (basis.T @ offset)
+    assert np.linalg.norm(offset) > 1.0
+    assert np.linalg.norm(residual) < 1e-4 * np.linalg.norm(offset)
+
+
+def test_phases_rerun_on_an_existing_run(small_run, tmp_path):
+    import shutil
+    run_dir = str(tmp_path / "copy")
+    shutil.copytree(small_run, run_dir)
+    before = RunStore(run_dir)
+    snapshots = {rel: before.manifest[rel]["sha256"] for rel in before.files("snapshots/")}
+    assert main(["basis", "--run-dir", run_dir, "--dim", "4", "--quiet"]) == 0
+    assert main(["train", "--run-dir", run_dir, "--optimizer", "psgd", "--start", "mean", "--quiet"]) == 0
+    store = RunStore(run_dir)
+    assert {rel: store.manifest[rel]["sha256"] for rel in store.files("snapshots/")} == snapshots
+    assert store.load_array("basis/shard-00000-of-00001.npy").shape[1] == 4
+    summary = store.read_json("summary.json")
+    assert summary["phases"]["basis"]["dim"] == 4 and summary["phases"]["train"]["optimizer"] == "psgd"
+    assert "dim: 4" in store.read_bytes("config.yaml").decode()
+    phases = [json.loads(line)["phase"] for line in store.read_bytes("metrics.jsonl").decode().splitlines()]
+    assert phases.count("basis") == 1 and phases.count("train") == 2
+
+
+def test_label_noise_runs_all_phases_and_records_the_labels(tmp_path):
+    run_dir = str(tmp_path / "noisy")
+    assert main(["fit", "--run-dir", run_dir, "--label-noise", "0.4", *SMALL]) == 0
+    store = RunStore(run_dir)
+    noisy = store.load_array("data/train_labels.npy")
+    clean = datasets.load("digits").train_y.numpy()
+    changed = np.mean(noisy != clean)
+    assert 0.4 * 0.9 - 0.05 < changed < 0.4 * 0.9 + 0.05  # a tenth of the draws hit the true class
+    assert "train" in store.read_json("summary.json")["phases"]
+
+
+def test_default_fit_reaches_097_on_digits(tmp_path):
+    """The README's quick start: `dldr fit` with no arguments (only the run directory is moved)."""
+    out = subprocess.run([sys.executable, "-m", "dldr.cli", "fit", "--quiet"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.97
+    assert f"test accuracy {summary['test_accuracy']:.4f}" in out.stdout
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dldr: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no_such_net"], "unknown model 'no_such_net'"),
+    (["--data", "mnist"], "unknown data set 'mnist'"),
+    (["--dim", "200"], "--dim 200 needs at least 201 snapshots, the run has 34"),
+    (["--start", "middle"], None),
+])
+def test_bad_fit_input_is_one_line(tmp_path, capsys, args, message):
+    run_dir = tmp_path / "bad"
+    if message is None:  # argparse rejects it: usage on stderr, exit 2
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--run-dir", str(run_dir), *SMALL, *args])
+        assert exit_info.value.code == 2
+        return
+    assert main(["fit", "--run-dir", str(run_dir), *SMALL, *args]) == 1
+    assert message in _error_line(capsys)
+    if run_dir.exists():
+        _assert_consistent(str(run_dir))
+
+
+def test_dim_not_below_snapshots_leaves_the_run_intact(small_run, capsys):
+    before = _snapshot_of_files(small_run)
+    assert main(["basis", "--run-dir", small_run, "--dim", "34", "--quiet"]) == 1
+    assert "--dim 34 needs at least 35 snapshots, the run has 34" in _error_line(capsys)
+    assert _snapshot_of_files(small_run) == before
+    assert "dim: 8" in RunStore(small_run).read_bytes("config.yaml").decode()
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_corrupt_or_missing_shard_is_named(small_run, tmp_path, capsys, damage):
+    import shutil
+    run_dir = str(tmp_path / "damaged")
+    shutil.copytree(small_run, run_dir)
+    victim = RunStore(run_dir).abspath("snapshots/shard-00000-of-00001/step-000017.npy")
+    if damage == "flip":
+        raw = bytearray(open(victim, "rb").read())
+        raw[len(raw) // 2] ^= 0xFF
+        open(victim, "wb").write(bytes(raw))
+    else:
+        import os
+        os.remove(victim)
+    before = _snapshot_of_files(run_dir)
+    assert main(["basis", "--run-dir", run_dir, "--quiet"]) == 1
+    line = _error_line(capsys)
+    assert victim in line and ("is corrupt" if damage == "flip" else "is missing") in line
+    assert "re-run `dldr sample`" in line
+    assert _snapshot_of_files(run_dir) == before
+
+
+def test_non_finite_loss_is_one_line(tmp_path, capsys):
+    run_dir = str(tmp_path / "diverged")
+    assert main(["fit", "--run-dir", run_dir, *SMALL, "--lr", "1e6"]) == 1
+    line = _error_line(capsys)
+    assert "sampling loss became nan" in line and "lower --lr" in line
+    _assert_consistent(run_dir)
+
+
+def test_unwritable_run_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["fit", "--run-dir", str(tmp_path / "file" / "run"), *SMALL]) == 1
+    assert "choose a writable --run-dir" in _error_line(capsys)
+
+
+def test_existing_run_is_not_overwritten_by_fit(small_run, capsys):
+    before = _snapshot_of_files(small_run)
+    assert main(["fit", "--run-dir", small_run, *SMALL]) == 1
+    assert "already holds a run" in _error_line(capsys)
+    assert _snapshot_of_files(small_run) == before
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: mlp\nlearning_rate: 0.1\n")
+    assert main(["fit", "--config", str(spec), "--run-dir", str(tmp_path / "r")]) == 1
+    assert "unknown key 'learning_rate'" in _error_line(capsys)

@@ -1,0 +1,68 @@
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from dldr.errors import DldrError
+from dldr.store import RunStore
+
+
+def test_manifest_records_sha256_and_a_flipped_byte_is_caught(store):
+    array = np.arange(1000, dtype=np.float32)
+    store.save_array("snapshots/shard-00000-of-00001/step-000000.npy", array)
+    path = store.abspath("snapshots/shard-00000-of-00001/step-000000.npy")
+    manifest = json.load(open(store.abspath("manifest.json")))["files"]
+    entry = manifest["snapshots/shard-00000-of-00001/step-000000.npy"]
+    assert entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert entry["shape"] == [1000] and entry["dtype"] == "<f4"
+    np.testing.assert_array_equal(store.load_array("snapshots/shard-00000-of-00001/step-000000.npy"), array)
+
+    raw = bytearray(open(path, "rb").read())
+    raw[500] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(DldrError, match=r"step-000000\.npy is corrupt.*re-run `dldr sample`"):
+        store.load_array("snapshots/shard-00000-of-00001/step-000000.npy")
+    reader = store.row_reader("snapshots/shard-00000-of-00001/step-000000.npy")
+    reader.read(1000)
+    with pytest.raises(DldrError, match="is corrupt"):
+        reader.finish()
+
+
+def test_a_failed_write_leaves_neither_file_nor_manifest_entry(store, tmp_path):
+    store.write_bytes("a.txt", b"kept")
+    with pytest.raises(RuntimeError):
+        with store.writer("b.bin") as f:
+            f.write(b"partial")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["a.txt", "manifest.json"]
+    assert list(RunStore(str(tmp_path / "run")).manifest) == ["a.txt"]
+
+
+def test_row_blocks_round_trip_over_an_fsspec_url():
+    store = RunStore("memory://dldr-test-run")
+    matrix = np.random.default_rng(0).standard_normal((103, 7)).astype(np.float32)
+    with store.array_writer("basis/shard-00000-of-00001.npy", matrix.shape, np.float32) as out:
+        for start in range(0, 103, 10):
+            out.write(matrix[start:start + 10])
+    reopened = RunStore("memory://dldr-test-run")
+    np.testing.assert_array_equal(reopened.load_array("basis/shard-00000-of-00001.npy"), matrix)
+    reader = reopened.row_reader("basis/shard-00000-of-00001.npy")
+    blocks = [reader.read(16) for _ in range(7)]
+    reader.finish()
+    np.testing.assert_array_equal(np.concatenate(blocks), matrix)
+
+
+def test_unwritable_run_directory_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    store = RunStore(str(tmp_path / "file" / "run"))
+    with pytest.raises(DldrError, match="cannot write .*choose a writable --run-dir"):
+        store.write_bytes("config.yaml", b"x")
+
+
+def test_remove_forgets_files_under_a_prefix(store):
+    for name in ("basis/a.npy", "basis/b.npy", "model.safetensors"):
+        store.save_array(name, np.zeros(3))
+    store.remove("basis/")
+    assert list(RunStore(store.url).manifest) == ["model.safetensors"]
+    assert not store.fs.exists(store.abspath("basis/a.npy"))
