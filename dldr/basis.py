@@ -148,12 +148,18 @@ def random_columns(shard_lengths: list[int], dim: int, seed: int, block_bytes: i
 
 
 def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int = 0,
-                block_bytes: int = BLOCK_BYTES) -> BasisReport:
-    """Phase 2 in one process: loop the per-shard steps over every shard of the run."""
+                block_bytes: int = BLOCK_BYTES, on_pass: Callable[[], object] = lambda: None) -> BasisReport:
+    """Phase 2 in one process: loop the per-shard steps over every shard of the run.
+
+    ``on_pass`` is called after each streamed pass over a shard (two per shard), for progress.
+    """
     start = time.perf_counter()
     shards = store.snapshot_shards()
     t = len(shards[0])
-    gram = sum(shard_gram(store, rels, block_bytes) for rels in shards)
+    gram = np.zeros((t, t))
+    for rels in shards:
+        gram += shard_gram(store, rels, block_bytes)
+        on_pass()
     eigvals, eigvecs = decompose(gram, dim)
     lengths = [store.manifest[rels[0]]["shape"][0] for rels in shards]
     if kind == "trajectory":
@@ -167,6 +173,7 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
         shard_p, shard_proj = write_shard(store, rank, len(shards), rels, columns, dim, block_bytes)
         gram_p += shard_p
         proj += shard_proj
+        on_pass()
     store.save_array("basis/gram.npy", gram)
     store.save_array("basis/eigvals.npy", eigvals)
     report = BasisReport(

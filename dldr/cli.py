@@ -36,15 +36,22 @@ _HELP = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error of dldr."""
+
+    def error(self, message: str):
+        self.exit(2, f"dldr: error: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", metavar="FILE.yaml", help="YAML file of configuration keys")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         common.add_argument(flag, dest=f.name, type=type(f.default), choices=CHOICES.get(f.name),
                             default=argparse.SUPPRESS, help=_HELP[f.name] + f" (default: {f.default or 'runs/<time>'})")
-    parser = argparse.ArgumentParser(prog="dldr", description="Train neural networks in a tiny subspace "
+    parser = _Parser(prog="dldr", description="Train neural networks in a tiny subspace "
                                      "of their parameters (DLDR + P-BFGS).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("fit", parents=[common], help="all three phases in a new run directory")

@@ -48,16 +48,21 @@ class Run:
 
     @property
     def device(self) -> torch.device:
-        if self.cfg.device == "cuda" and not torch.cuda.is_available():
-            raise DldrError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-        return torch.device(self.cfg.device)
+        return _device(self.cfg)
 
     def bar(self, desc: str, total: int) -> tqdm:
         return tqdm(total=total, desc=desc, unit="step", disable=not self.progress, dynamic_ncols=True)
 
 
+def _device(cfg: Config) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DldrError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(cfg.device)
+
+
 def start_run(cfg: Config, progress: bool = True) -> Run:
-    """Check the model and data, then create the run directory with its config.yaml."""
+    """Check the device, model and data, then create the run directory with its config.yaml."""
+    _device(cfg)
     data = datasets.load(cfg.data, cfg.label_noise, cfg.seed)
     models.create(cfg.model, data.num_classes, data.input_shape)
     store = RunStore(cfg.run_dir)
@@ -165,9 +170,8 @@ def basis(run: Run) -> dict[str, Any]:
     """Phase 2: the d-dimensional basis of the trajectory (or a random one), sharded like the snapshots."""
     cfg, store = run.cfg, run.store
     run.log.begin("basis")
-    with run.bar("basis", 1) as bar:
-        report = build_basis(store, cfg.dim, cfg.subspace, cfg.seed)
-        bar.update()
+    with run.bar("basis", 2 * len(store.snapshot_shards())) as bar:
+        report = build_basis(store, cfg.dim, cfg.subspace, cfg.seed, on_pass=bar.update)
     eigvals = store.load_array("basis/eigvals.npy")
     store.write_bytes("plots/explained_variance.png", plots.explained_variance(eigvals, cfg.dim))
     run.log.log("basis", **report.to_dict())
