@@ -77,9 +77,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     values = _config_values(args)
     progress = not args.quiet
-    if args.command == "fit" or (args.command == "sample" and "run_dir" not in values):
+    run_dir = values.get("run_dir")
+    if args.command == "fit" or (args.command == "sample" and not (run_dir and phases.holds_run(run_dir))):
         run = phases.start_run(Config.from_dict(values, source="command line"), progress)
-    elif "run_dir" not in values:
+    elif run_dir is None:
         raise DldrError(f"`dldr {args.command}` needs the --run-dir of an existing run")
     else:
         run = phases.open_run(values.pop("run_dir"), values, progress)

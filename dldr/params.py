@@ -46,18 +46,18 @@ class FlatParams:
 
     @torch.no_grad()
     def set(self, flat: torch.Tensor) -> None:
-        for p, chunk in zip(self.params, self._split(flat)):
+        for p, chunk in zip(self.params, self._split(flat), strict=True):
             p.copy_(chunk.view_as(p))
 
     @torch.no_grad()
     def add_(self, flat: torch.Tensor, alpha: float = 1.0) -> None:
-        torch._foreach_add_(self.params, [c.view_as(p) for p, c in zip(self.params, self._split(flat))],
-                            alpha=alpha)
+        chunks = [c.view_as(p) for p, c in zip(self.params, self._split(flat), strict=True)]
+        torch._foreach_add_(self.params, chunks, alpha=alpha)
 
     @torch.no_grad()
     def set_combination(self, base: torch.Tensor, direction: torch.Tensor, alpha: float) -> None:
         """w <- base + alpha * direction, written into the parameters in place."""
-        for p, b, d in zip(self.params, self._split(base), self._split(direction)):
+        for p, b, d in zip(self.params, self._split(base), self._split(direction), strict=True):
             torch.add(b.view_as(p), d.view_as(p), alpha=alpha, out=p)
 
     def _split(self, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -28,7 +28,7 @@ from dldr.errors import DldrError
 from dldr.optim import PBFGS, PSGD
 from dldr.params import FlatParams, shard_slices, trainable
 from dldr.runlog import RunLog
-from dldr.store import RunStore, mean_path, snapshot_path
+from dldr.store import RunStore, snapshot_path
 from dldr.subspace import Subspace
 
 CONFIG = "config.yaml"
@@ -73,8 +73,12 @@ def start_run(cfg: Config, progress: bool = True) -> Run:
     return Run(cfg, store, progress=progress)
 
 
+def holds_run(run_dir: str) -> bool:
+    return RunStore(run_dir).exists(CONFIG)
+
+
 def open_run(run_dir: str, overrides: dict[str, Any], progress: bool = True) -> Run:
-    """An existing run, its config.yaml updated with the flags given for this phase."""
+    """An existing run, with the flags given for this phase on top of its config.yaml."""
     store = RunStore(run_dir)
     if not store.exists(CONFIG):
         raise DldrError(f"{run_dir} holds no run (no config.yaml); start one with `dldr fit --run-dir {run_dir}`")

@@ -101,6 +101,17 @@ def test_phases_rerun_on_an_existing_run(small_run, tmp_path):
     assert phases.count("basis") == 1 and phases.count("train") == 2
 
 
+def test_phase_by_phase_equals_fit(small_run, tmp_path):
+    run_dir = str(tmp_path / "stepwise")
+    assert main(["sample", "--run-dir", run_dir, *SMALL]) == 0
+    assert set(RunStore(run_dir).read_json("summary.json")["phases"]) == {"sample"}
+    assert main(["basis", "--run-dir", run_dir, "--quiet"]) == 0
+    assert main(["train", "--run-dir", run_dir, "--quiet"]) == 0
+    stepwise, fitted = RunStore(run_dir), RunStore(small_run)
+    for rel in fitted.files("snapshots/") + ["basis/shard-00000-of-00001.npy", "model.safetensors"]:
+        assert stepwise.manifest[rel]["sha256"] == fitted.manifest[rel]["sha256"], rel
+
+
 def test_label_noise_runs_all_phases_and_records_the_labels(tmp_path):
     run_dir = str(tmp_path / "noisy")
     assert main(["fit", "--run-dir", run_dir, "--label-noise", "0.4", *SMALL]) == 0

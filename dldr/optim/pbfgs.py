@@ -95,7 +95,7 @@ class PBFGS(SubspaceOptimizer):
         for _ in range(group["max_trials"]):
             self._flat.set_combination(base, lifted, alpha)
             f = self.subspace.average(float(closure()))
-            for b, v in zip(self.buffers, saved):
+            for b, v in zip(self.buffers, saved, strict=True):
                 b.copy_(v)
             state["trials"] += 1
             if f <= f0 + group["sigma"] * alpha * slope:
