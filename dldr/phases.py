@@ -44,11 +44,8 @@ class Run:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self.device = _device(self.cfg)
         self.log = RunLog(self.store)
-
-    @property
-    def device(self) -> torch.device:
-        return _device(self.cfg)
 
     def bar(self, desc: str, total: int) -> tqdm:
         return tqdm(total=total, desc=desc, unit="step", disable=not self.progress, dynamic_ncols=True)
@@ -66,7 +63,7 @@ def start_run(cfg: Config, progress: bool = True) -> Run:
     data = datasets.load(cfg.data, cfg.label_noise, cfg.seed)
     models.create(cfg.model, data.num_classes, data.input_shape)
     store = RunStore(cfg.run_dir)
-    if store.has_run():
+    if store.exists(CONFIG):
         raise DldrError(f"{cfg.run_dir} already holds a run; pick a new --run-dir, or re-run one phase "
                         "there with `dldr sample`, `dldr basis` or `dldr train`")
     store.write_bytes(CONFIG, cfg.to_yaml().encode())
@@ -225,7 +222,6 @@ def train(run: Run) -> dict[str, Any]:
     opt = _optimizer(cfg, model, subspace)
     model.train()
     steps_per_epoch = datasets.num_batches(len(data.train_y), cfg.batch_size)
-    failures = 0
     with run.bar(f"train ({cfg.optimizer}, d={subspace.dim})", cfg.subspace_epochs * steps_per_epoch) as bar:
         for epoch in range(1, cfg.subspace_epochs + 1):
             losses = []
@@ -235,7 +231,6 @@ def train(run: Run) -> dict[str, Any]:
                 bar.update()
             test_loss, test_acc = evaluate(model, data.test_x, data.test_y, run.device)
             stats = _optimizer_stats(opt, epoch * steps_per_epoch)
-            failures = stats.get("line_search_failures", 0)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", test_acc=f"{test_acc:.4f}")
             run.log.log("train", epoch=epoch, step=epoch * steps_per_epoch, optimizer=cfg.optimizer,
                         train_loss=float(np.mean(losses)), test_loss=test_loss, test_accuracy=test_acc,
@@ -243,7 +238,7 @@ def train(run: Run) -> dict[str, Any]:
     store.write_bytes(MODEL, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     store.write_bytes("plots/curves.png", plots.curves(run.log.records))
     result = {"seconds": time.perf_counter() - start, "epochs": cfg.subspace_epochs, "test_accuracy": test_acc,
-              "line_search_failures": failures, "optimizer": cfg.optimizer}
+              "line_search_failures": stats.get("line_search_failures", 0), "optimizer": cfg.optimizer}
     run.log.finish("train", result)
     return result
 

@@ -83,9 +83,6 @@ class RunStore:
     def abspath(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
 
-    def has_run(self) -> bool:
-        return bool(self.manifest)
-
     def exists(self, rel: str) -> bool:
         return rel in self.manifest
 
