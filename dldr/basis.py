@@ -7,12 +7,16 @@ row blocks, so a block holds every snapshot of its rows and is centred exactly t
 avoids the cancellation of centring the raw Gram afterwards). The shards' t x t Grams are
 summed, ``eigh`` runs once in float64, and each shard writes its slice P_r of the basis in a
 second streamed pass. Peak memory per shard: one block of rows x t, plus t x t.
+
+The per-shard passes are plain functions ``fn(store, *args)``; ``build_basis`` hands them to a
+``ShardMap``, which runs them one after another here or as Ray tasks next to the shards.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +29,19 @@ ORTHONORMALITY_TOL = 1e-3
 RANK_RTOL = 1e-10
 
 ColumnFn = Callable[[np.ndarray, int], np.ndarray]
+# (fn, [args of shard 0, args of shard 1, ...]) -> [fn(store, *args) for each shard], in order
+ShardMap = Callable[[Callable[..., Any], list[tuple]], list[Any]]
+
+
+def sequential(store: RunStore, on_pass: Callable[[], object] = lambda: None) -> ShardMap:
+    """Run the per-shard passes one after another in this process."""
+    def map_shards(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+        results = []
+        for a in args:
+            results.append(fn(store, *a))
+            on_pass()
+        return results
+    return map_shards
 
 
 @dataclass
@@ -125,18 +142,21 @@ def trajectory_columns(eigvals: np.ndarray, eigvecs: np.ndarray) -> ColumnFn:
     return lambda centred, rank: centred @ coeffs
 
 
-def random_columns(shard_lengths: list[int], dim: int, seed: int, block_bytes: int = BLOCK_BYTES) -> ColumnFn:
-    """Gaussian columns with unit norm over all shards (Li et al. 2018), drawn block by block.
-
-    Each shard draws from its own seeded stream in row order, once to sum the squared column
-    norms across shards and once more, in ``write_shard``, to emit the normalised columns.
-    """
-    rows = block_rows(dim, block_bytes)
+def random_sq_norms(store: RunStore, rank: int, length: int, dim: int, seed: int, block_bytes: int) -> np.ndarray:
+    """The squared column norms of shard ``rank``'s Gaussian rows, drawn block by block."""
+    rng, rows = np.random.default_rng([seed, rank]), block_rows(dim, block_bytes)
     sq_norms = np.zeros(dim)
-    for rank, length in enumerate(shard_lengths):
-        rng = np.random.default_rng([seed, rank])
-        for start in range(0, length, rows):
-            sq_norms += np.sum(rng.standard_normal((min(rows, length - start), dim)) ** 2, axis=0)
+    for start in range(0, length, rows):
+        sq_norms += np.sum(rng.standard_normal((min(rows, length - start), dim)) ** 2, axis=0)
+    return sq_norms
+
+
+def random_columns(sq_norms: np.ndarray, dim: int, seed: int) -> ColumnFn:
+    """Gaussian columns with unit norm over all shards (Li et al. 2018).
+
+    Each shard draws from its own seeded stream in row order: once in ``random_sq_norms``, to
+    sum the squared column norms across shards, and again here, to emit the normalised rows.
+    """
     scale = 1.0 / np.sqrt(sq_norms)
     streams: dict[int, np.random.Generator] = {}
 
@@ -148,32 +168,29 @@ def random_columns(shard_lengths: list[int], dim: int, seed: int, block_bytes: i
 
 
 def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int = 0,
-                block_bytes: int = BLOCK_BYTES, on_pass: Callable[[], object] = lambda: None) -> BasisReport:
-    """Phase 2 in one process: loop the per-shard steps over every shard of the run.
+                block_bytes: int = BLOCK_BYTES, map_shards: ShardMap | None = None) -> BasisReport:
+    """Phase 2: sum the shards' Grams, decompose, and have every shard write its basis slice.
 
-    ``on_pass`` is called after each streamed pass over a shard (two per shard), for progress.
+    This process only holds t x t and d x t matrices; ``map_shards`` (default: ``sequential``)
+    runs the streamed passes over each shard.
     """
     start = time.perf_counter()
+    map_shards = map_shards or sequential(store)
+    if kind not in ("trajectory", "random"):
+        raise DldrError(f"unknown subspace {kind!r}; use trajectory or random")
     shards = store.snapshot_shards()
     t = len(shards[0])
-    gram = np.zeros((t, t))
-    for rels in shards:
-        gram += shard_gram(store, rels, block_bytes)
-        on_pass()
+    gram = np.sum(map_shards(shard_gram, [(rels, block_bytes) for rels in shards]), axis=0)
     eigvals, eigvecs = decompose(gram, dim)
     lengths = [store.manifest[rels[0]]["shape"][0] for rels in shards]
     if kind == "trajectory":
         columns = trajectory_columns(eigvals, eigvecs)
-    elif kind == "random":
-        columns = random_columns(lengths, dim, seed, block_bytes)
     else:
-        raise DldrError(f"unknown subspace {kind!r}; use trajectory or random")
-    gram_p, proj = np.zeros((dim, dim)), np.zeros((dim, t))
-    for rank, rels in enumerate(shards):
-        shard_p, shard_proj = write_shard(store, rank, len(shards), rels, columns, dim, block_bytes)
-        gram_p += shard_p
-        proj += shard_proj
-        on_pass()
+        sq_norms = map_shards(random_sq_norms, [(r, n, dim, seed, block_bytes) for r, n in enumerate(lengths)])
+        columns = random_columns(np.sum(sq_norms, axis=0), dim, seed)
+    parts = map_shards(write_shard, [(rank, len(shards), rels, columns, dim, block_bytes)
+                                     for rank, rels in enumerate(shards)])
+    gram_p, proj = (np.sum(m, axis=0) for m in zip(*parts))
     store.save_array("basis/gram.npy", gram)
     store.save_array("basis/eigvals.npy", eigvals)
     report = BasisReport(

@@ -29,11 +29,18 @@ _HELP = {
     "momentum": "momentum of SGD and P-SGD",
     "label_noise": "fraction of training labels replaced by a uniformly drawn class",
     "seed": "random seed",
-    "device": "torch device",
+    "device": "torch device (with --workers: cuda gives every worker --gpus-per-worker GPUs, default 1)",
+    "workers": "Ray Train workers; 0 runs every phase in this process without Ray",
+    "gpus_per_worker": "GPUs per Ray Train worker (needs --device cuda)",
+    "address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)",
+    "max_failures": "worker-group failures a phase survives by restarting from its last checkpoint",
     "armijo_sigma": "P-BFGS sufficient-decrease constant",
     "armijo_beta": "P-BFGS backtracking factor",
     "max_trials": "P-BFGS line-search trials per step",
 }
+
+
+_DEFAULTS = {"run_dir": "runs/<time>", "address": "RAY_ADDRESS, else a local instance"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         common.add_argument(flag, dest=f.name, type=type(f.default), choices=CHOICES.get(f.name),
-                            default=argparse.SUPPRESS, help=_HELP[f.name] + f" (default: {f.default or 'runs/<time>'})")
+                            default=argparse.SUPPRESS, help=f"{_HELP[f.name]} (default: {_DEFAULTS.get(f.name, f.default)})")
     parser = _Parser(prog="dldr", description="Train neural networks in a tiny subspace "
                                      "of their parameters (DLDR + P-BFGS).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -78,15 +85,25 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     values = _config_values(args)
     progress = not args.quiet
     run_dir = values.get("run_dir")
+    run: phases.Run | None = None
     if args.command == "fit" or (args.command == "sample" and not (run_dir and phases.holds_run(run_dir))):
-        run = phases.start_run(Config.from_dict(values, source="command line"), progress)
+        cfg = Config.from_dict(values, source="command line")
     elif run_dir is None:
         raise DldrError(f"`dldr {args.command}` needs the --run-dir of an existing run")
     else:
         run = phases.open_run(values.pop("run_dir"), values, progress)
+        cfg = run.cfg
     names = list(phases.PHASE_FUNCTIONS) if args.command == "fit" else [args.command]
-    for name in names:
-        phases.PHASE_FUNCTIONS[name](run)
+    if cfg.workers:
+        from dldr import ray_train  # the in-process path (--workers 0) runs without Ray
+        with ray_train.cluster(cfg.address):
+            ray_train.check_placement(cfg)  # before a new run directory exists
+            run = run or phases.start_run(cfg, progress)
+            ray_train.run_phases(run, names)
+    else:
+        run = run or phases.start_run(cfg, progress)
+        for name in names:
+            phases.PHASE_FUNCTIONS[name](run)
     phases.save_config(run)
     _print_summary(run)
     return run.log.summary

@@ -25,6 +25,12 @@ class Config:
     run_dir: str = ""
     seed: int = 0
     device: str = "cpu"
+    # where the phases run: N Ray Train workers (0: in this process, without Ray), on the
+    # cluster at ``address`` (empty: RAY_ADDRESS, or else a local instance dldr starts)
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    address: str = ""
+    max_failures: int = 0
     batch_size: int = 128
     label_noise: float = 0.0
     # phase 1: SGD with momentum and weight decay, snapshots at the start and every
@@ -39,7 +45,7 @@ class Config:
     dim: int = 40
     subspace: str = "trajectory"
     # phase 3: w = w_start + P c
-    start: str = "first"
+    start: str = "mean"
     optimizer: str = "pbfgs"
     subspace_epochs: int = 10
     subspace_lr: float = 0.1
@@ -54,6 +60,14 @@ class Config:
                                 f"got {getattr(self, name)!r}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise DldrError(f"--label-noise must be a fraction in [0, 1], got {self.label_noise}")
+        for name in ("workers", "max_failures", "gpus_per_worker"):
+            if getattr(self, name) < 0:
+                raise DldrError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if self.gpus_per_worker > 0 and self.device != "cuda":
+            raise DldrError("--gpus-per-worker gives each worker GPUs; add --device cuda to train on them")
+        if self.workers and self.batch_size % self.workers:
+            raise DldrError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}, "
+                            "so every worker gets the same share of each batch")
         for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials"):
             if getattr(self, name) < 1:
                 raise DldrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import BatchSampler, DistributedSampler
 
 from dldr.errors import DldrError
 
@@ -84,11 +85,20 @@ def noisy_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: 
     return torch.where(flip, drawn, labels)
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's shuffled mini-batches, the same for a given (seed, epoch); the ragged tail is dropped."""
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    for start in range(0, len(y) - batch_size + 1, batch_size):
-        idx = order[start:start + batch_size]
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, epoch: int,
+            rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's part of the epoch's shuffled global mini-batches; the ragged tail is dropped.
+
+    A ``DistributedSampler`` deals rank r every world_size-th index of one seeded permutation,
+    so at each step the ranks' batches of batch_size / world_size together hold exactly the
+    global batch a single process would draw: N = 1 and N = 2 follow the same trajectory.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} is not a multiple of the {world_size} ranks")
+    sampler = DistributedSampler(range(len(y)), num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    for idx in BatchSampler(sampler, batch_size // world_size, drop_last=True):
         yield x[idx], y[idx]
 
 

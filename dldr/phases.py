@@ -7,6 +7,8 @@ Nothing here knows about Ray: the cross-rank steps go through ``Comm``.
 """
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,19 +23,45 @@ from tqdm.auto import tqdm
 
 from dldr import data as datasets
 from dldr import models, plots
-from dldr.basis import build_basis
+from dldr.basis import ShardMap, build_basis, sequential
 from dldr.comm import Comm, LocalComm
 from dldr.config import Config
 from dldr.errors import DldrError
 from dldr.optim import PBFGS, PSGD
 from dldr.params import FlatParams, shard_slices, trainable
 from dldr.runlog import RunLog
-from dldr.store import RunStore, snapshot_path
+from dldr.store import BackgroundWriter, RunStore, snapshot_path
 from dldr.subspace import Subspace
 
 CONFIG = "config.yaml"
 MODEL = "model.safetensors"
+SUBSPACE_STATE = "subspace/state.pt"
 EVAL_BATCH = 1024
+# The keys whose change makes a stopped phase 3 start over instead of resuming.
+TRAIN_KEYS = ("model", "data", "seed", "batch_size", "label_noise", "start", "optimizer", "subspace_lr",
+              "momentum", "armijo_sigma", "armijo_beta", "max_trials")
+
+
+class Session:
+    """What a phase asks of the machinery that runs it. This one runs everything in-process.
+
+    The Ray engine supplies a subclass on each worker: its progress bar shows on the driver,
+    ``report`` goes to ``ray.train.report`` with a checkpoint, and ``restore`` returns the
+    checkpoint a restarted worker group resumes from.
+    """
+
+    def bar(self, desc: str, total: int, enabled: bool) -> Any:
+        return tqdm(total=total, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
+
+    def restore(self) -> dict[str, Any] | None:
+        """The state the last ``report`` of this phase saved, when the phase is being resumed."""
+        return None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        """Called by every rank once per epoch; ``state["shared"]`` is the same on every rank."""
+
+    def after_step(self, step: int) -> None:
+        """Called by every rank after every optimizer step of phases 1 and 3."""
 
 
 @dataclass
@@ -42,18 +70,33 @@ class Run:
     store: RunStore
     comm: Comm = field(default_factory=LocalComm)
     progress: bool = True
+    device: torch.device | None = None
+    session: Session = field(default_factory=Session)
+    shard_map: Callable[[RunStore, Callable[[], object]], ShardMap] = sequential
 
     def __post_init__(self) -> None:
-        self.device = _device(self.cfg)
+        self.device = self.device or _device(self.cfg)
         self.log = RunLog(self.store)
 
-    def bar(self, desc: str, total: int) -> tqdm:
-        return tqdm(total=total, desc=desc, unit="step", disable=not self.progress, dynamic_ncols=True)
+    @property
+    def main(self) -> bool:
+        """Rank 0 owns the manifest, the log and the files every rank holds a copy of."""
+        return self.comm.rank == 0
+
+    def bar(self, desc: str, total: int) -> Any:
+        return self.session.bar(desc, total, self.progress and self.main)
+
+    def barrier(self) -> None:
+        self.comm.all_gather_object(None)
 
 
 def _device(cfg: Config) -> torch.device:
+    """The device of an in-process run. With Ray workers, each worker gets its own from Ray."""
+    if cfg.workers:
+        return torch.device("cpu")  # the driver only runs phase 2, in numpy
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DldrError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        raise DldrError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu, "
+                        "or --workers N to train on the GPUs of a Ray cluster")
     return torch.device(cfg.device)
 
 
@@ -119,60 +162,113 @@ def _finite(loss: torch.Tensor, phase: str, epoch: int, advice: str) -> float:
 
 
 def sample(run: Run) -> dict[str, Any]:
-    """Phase 1: SGD from w_0, snapshots at the start and every k steps (or every epoch)."""
+    """Phase 1: SGD from w_0, each rank writing its slice of w at the start and every k steps.
+
+    Snapshot files are written in the background and entered in the manifest at the end of
+    each epoch, together with the checkpoint a restarted worker group resumes from: a resumed
+    run writes the snapshots after that checkpoint again, under the same names.
+    """
     cfg, store, comm = run.cfg, run.store, run.comm
     start = time.perf_counter()
     data = datasets.load(cfg.data, cfg.label_noise, cfg.seed)
     model = _model(run, data)
-    run.log.begin("sample")
-    for stale in ("snapshots/", "basis/", MODEL):
-        store.remove(stale)
-    if cfg.label_noise > 0:
-        store.save_array("data/train_labels.npy", data.train_y.numpy())
+    net = comm.data_parallel(model)
     flat = FlatParams(trainable(model))
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
-
-    def snapshot(step: int) -> None:
-        store.save_array(snapshot_path(comm.rank, comm.world_size, step), flat.get()[shard].cpu().numpy())
-
     opt = torch.optim.SGD(flat.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps_per_epoch = datasets.num_batches(len(data.train_y), cfg.batch_size)
-    step, snapshots = 0, 1
-    snapshot(step)
-    with run.bar("sample", cfg.sample_epochs * steps_per_epoch) as bar:
-        for epoch in range(1, cfg.sample_epochs + 1):
+    resumed = run.session.restore()
+    if resumed is None:
+        first_epoch, step, snapshots = 1, 0, 1
+        if run.main:
+            run.log.begin("sample")
+            for stale in ("snapshots/", "basis/", "subspace/", MODEL):
+                store.remove(stale)
+            if cfg.label_noise > 0:
+                store.save_array("data/train_labels.npy", data.train_y.numpy())
+    else:
+        shared = resumed["shared"]
+        model.load_state_dict(shared["model"])
+        opt.load_state_dict(shared["optimizer"])
+        torch.set_rng_state(resumed["rank"]["rng"])
+        first_epoch, step, snapshots = shared["epoch"] + 1, shared["step"], shared["snapshots"]
+        if run.main:
+            run.log.begin("sample", resume_after_epoch=shared["epoch"])
+            store.remove_files(set(store.files("snapshots/")) - set(shared["snapshot_files"]))
+    run.barrier()  # no rank writes a snapshot before rank 0 has removed the stale ones
+
+    with BackgroundWriter(store) as writer, run.bar("sample", cfg.sample_epochs * _steps(cfg, data)) as bar:
+        def snapshot() -> None:
+            writer.submit(snapshot_path(comm.rank, comm.world_size, step), flat.get()[shard].cpu().numpy())
+
+        if resumed is None:
+            snapshot()
+        bar.update((first_epoch - 1) * _steps(cfg, data))
+        for epoch in range(first_epoch, cfg.sample_epochs + 1):
             losses = []
-            for xb, yb in datasets.batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed, epoch):
-                loss = F.cross_entropy(model(xb.to(run.device)), yb.to(run.device))
+            for xb, yb in datasets.batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed, epoch,
+                                           comm.rank, comm.world_size):
+                loss = F.cross_entropy(net(xb.to(run.device)), yb.to(run.device))
                 losses.append(_finite(loss, "sampling", epoch, "lower --lr"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
                 if cfg.snapshot_every and step % cfg.snapshot_every == 0:
-                    snapshot(step)
+                    snapshot()
                     snapshots += 1
+                run.session.after_step(step)
                 bar.update()
             if not cfg.snapshot_every:
-                snapshot(step)
+                snapshot()
                 snapshots += 1
-            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, run.device)
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", test_acc=f"{test_acc:.4f}")
-            run.log.log("sample", epoch=epoch, step=step, train_loss=float(np.mean(losses)), test_loss=test_loss,
-                        test_accuracy=test_acc, lr=cfg.lr, seconds=time.perf_counter() - start)
+            writer.flush()
+            _commit(run)
+            metrics = _epoch_metrics(run, model, data, losses, epoch=epoch, step=step, lr=cfg.lr,
+                                     seconds=time.perf_counter() - start)
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", test_acc=f"{metrics['test_accuracy']:.4f}")
+            run.log.log("sample", **metrics)
+            run.session.report(metrics, state={
+                "shared": {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                           "step": step, "snapshots": snapshots, "snapshot_files": store.files("snapshots/")},
+                "rank": {"rng": torch.get_rng_state()}})
     result = {"seconds": time.perf_counter() - start, "epochs": cfg.sample_epochs, "snapshots": snapshots,
-              "test_accuracy": test_acc}
-    store.write_bytes("plots/curves.png", plots.curves(run.log.records))
+              "test_accuracy": metrics["test_accuracy"], "workers": comm.world_size,
+              "largest_snapshot_bytes": comm.all_gather_object(writer.largest_bytes)}
+    if run.main:
+        store.write_bytes("plots/curves.png", plots.curves(run.log.records))
     run.log.finish("sample", result)
     return result
+
+
+def _steps(cfg: Config, data: datasets.Dataset) -> int:
+    return datasets.num_batches(len(data.train_y), cfg.batch_size)
+
+
+def _commit(run: Run) -> None:
+    """Enter every rank's files of this epoch in the manifest (rank 0 owns it)."""
+    journals = run.comm.all_gather_object(run.store.take_journal())
+    if run.main:
+        run.store.record({rel: entry for journal in journals for rel, entry in journal.items()})
+
+
+def _epoch_metrics(run: Run, model: nn.Module, data: datasets.Dataset, losses: list[float],
+                   **values: Any) -> dict[str, Any]:
+    """The epoch's training loss averaged over ranks, and the test metrics (rank 0 evaluates)."""
+    mean = run.comm.all_reduce_sum(torch.tensor([float(np.mean(losses))], dtype=torch.float64))
+    test_loss, test_acc = evaluate(model, data.test_x, data.test_y, run.device) if run.main else (0.0, 0.0)
+    return {**values, "train_loss": float(mean[0]) / run.comm.world_size, "test_loss": test_loss,
+            "test_accuracy": test_acc}
 
 
 def basis(run: Run) -> dict[str, Any]:
     """Phase 2: the d-dimensional basis of the trajectory (or a random one), sharded like the snapshots."""
     cfg, store = run.cfg, run.store
+    passes = (2 if cfg.subspace == "trajectory" else 3) * len(store.snapshot_shards())
+    with run.bar("basis", passes) as bar:
+        report = build_basis(store, cfg.dim, cfg.subspace, cfg.seed,
+                             map_shards=run.shard_map(store, bar.update))
     run.log.begin("basis")
-    with run.bar("basis", 2 * len(store.snapshot_shards())) as bar:
-        report = build_basis(store, cfg.dim, cfg.subspace, cfg.seed, on_pass=bar.update)
+    store.remove("subspace/")  # the saved phase 3 state of the old basis
     eigvals = store.load_array("basis/eigvals.npy")
     store.write_bytes("plots/explained_variance.png", plots.explained_variance(eigvals, cfg.dim))
     run.log.log("basis", **report.to_dict())
@@ -182,15 +278,29 @@ def basis(run: Run) -> dict[str, Any]:
     return result
 
 
-def _concat_shards(store: RunStore, rels: list[str]) -> np.ndarray:
-    return np.concatenate([store.load_array(rel) for rel in rels])
+def _rows(store: RunStore, files: list[str], rows: slice) -> np.ndarray:
+    """Rows ``rows`` of the arrays stored row-wise across ``files``, reading only the files they span."""
+    parts, offset = [], 0
+    for rel in files:
+        length = store.manifest[rel]["shape"][0]
+        lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
+        if lo < hi:
+            reader = store.row_reader(rel)
+            reader.skip(lo - offset)
+            parts.append(np.array(reader.read(hi - lo)))
+            reader.finish()
+        offset += length
+    if offset < rows.stop:
+        raise DldrError(f"the run's arrays have {offset} rows, fewer than the {rows.stop} the model needs; "
+                        "train with the --model and --data the run was sampled with")
+    return np.concatenate(parts)
 
 
-def _start_point(store: RunStore, how: str) -> np.ndarray:
+def _start_point(store: RunStore, how: str, rows: slice) -> np.ndarray:
     if how == "mean":
-        return _concat_shards(store, store.files("basis/mean-shard-"))
+        return _rows(store, store.files("basis/mean-shard-"), rows)
     index = 0 if how == "first" else -1
-    return _concat_shards(store, [files[index] for files in store.snapshot_shards()])
+    return _rows(store, [files[index] for files in store.snapshot_shards()], rows)
 
 
 def _optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.optim.Optimizer:
@@ -201,8 +311,27 @@ def _optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.optim
     return PSGD(params, subspace, lr=cfg.subspace_lr, momentum=cfg.momentum)
 
 
+def _fingerprint(cfg: Config, store: RunStore, basis_files: list[str]) -> str:
+    """What phase 3 depends on; a saved state resumes only under the same fingerprint."""
+    keys = {k: getattr(cfg, k) for k in TRAIN_KEYS}
+    keys["basis"] = [store.manifest[rel]["sha256"] for rel in basis_files]
+    return json.dumps(keys, sort_keys=True)
+
+
+def _saved_state(run: Run, fingerprint: str) -> dict[str, Any] | None:
+    """subspace/state.pt of a phase 3 that stopped before its end, if it fits this run."""
+    if "train" in run.log.summary["phases"] or not run.store.exists(SUBSPACE_STATE):
+        return None
+    state = torch.load(io.BytesIO(run.store.read_bytes(SUBSPACE_STATE)), weights_only=True)
+    return state if state["fingerprint"] == fingerprint else None
+
+
 def train(run: Run) -> dict[str, Any]:
-    """Phase 3: train the d coordinates c of w = w_start + P c."""
+    """Phase 3: train the d coordinates c of w = w_start + P c; rank r holds only P_r.
+
+    The optimizer state is saved to subspace/state.pt after every epoch, and a phase 3 that
+    stopped (a killed run, a failed worker group) resumes from it.
+    """
     cfg, store, comm = run.cfg, run.store, run.comm
     start = time.perf_counter()
     basis_files = store.files("basis/shard-")
@@ -211,34 +340,62 @@ def train(run: Run) -> dict[str, Any]:
     data = datasets.load(cfg.data, cfg.label_noise, cfg.seed)
     model = _model(run, data)
     flat = FlatParams(trainable(model))
-    w_start, basis_rows = _start_point(store, cfg.start), _concat_shards(store, basis_files)
-    if basis_rows.shape[0] != flat.numel or w_start.shape[0] != flat.numel:
-        raise DldrError(f"the run's snapshots have {basis_rows.shape[0]} parameters but {cfg.model} on {cfg.data} "
+    stored = sum(store.manifest[rel]["shape"][0] for rel in basis_files)
+    if stored != flat.numel:
+        raise DldrError(f"the run's snapshots have {stored} parameters but {cfg.model} on {cfg.data} "
                         f"has {flat.numel}; train with the --model and --data the run was sampled with")
-    run.log.begin("train")
-    flat.set(torch.from_numpy(w_start).to(run.device))
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
-    subspace = Subspace(torch.from_numpy(np.ascontiguousarray(basis_rows[shard])).to(run.device), shard, comm)
+    basis_rows = torch.from_numpy(_rows(store, basis_files, shard)).to(run.device)
+    flat.set(torch.from_numpy(_start_point(store, cfg.start, slice(0, flat.numel))).to(run.device))
+    subspace = Subspace(basis_rows, shard, comm)
     opt = _optimizer(cfg, model, subspace)
+    fingerprint = _fingerprint(cfg, store, basis_files)
+    saved = _saved_state(run, fingerprint)
+    first_epoch = 1
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        first_epoch = saved["epoch"] + 1
+    if run.main:
+        run.log.begin("train", resume_after_epoch=first_epoch - 1)
+        if saved is None:
+            store.remove("subspace/")
+    run.barrier()
+    net = comm.data_parallel(model)
     model.train()
-    steps_per_epoch = datasets.num_batches(len(data.train_y), cfg.batch_size)
+    steps_per_epoch = _steps(cfg, data)
+    stats = _optimizer_stats(opt, max(first_epoch - 1, 1) * steps_per_epoch)
     with run.bar(f"train ({cfg.optimizer}, d={subspace.dim})", cfg.subspace_epochs * steps_per_epoch) as bar:
-        for epoch in range(1, cfg.subspace_epochs + 1):
+        bar.update((first_epoch - 1) * steps_per_epoch)
+        for epoch in range(first_epoch, cfg.subspace_epochs + 1):
             losses = []
-            for xb, yb in datasets.batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed + 1, epoch):
-                losses.append(_finite(_step(opt, model, xb.to(run.device), yb.to(run.device)), "subspace",
+            for step, (xb, yb) in enumerate(datasets.batches(data.train_x, data.train_y, cfg.batch_size,
+                                                             cfg.seed + 1, epoch, comm.rank, comm.world_size),
+                                            start=(epoch - 1) * steps_per_epoch + 1):
+                losses.append(_finite(_step(opt, net, xb.to(run.device), yb.to(run.device)), "subspace",
                                       epoch, "try --start mean, a smaller --dim or --optimizer pbfgs"))
+                run.session.after_step(step)
                 bar.update()
-            test_loss, test_acc = evaluate(model, data.test_x, data.test_y, run.device)
             stats = _optimizer_stats(opt, epoch * steps_per_epoch)
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}", test_acc=f"{test_acc:.4f}")
-            run.log.log("train", epoch=epoch, step=epoch * steps_per_epoch, optimizer=cfg.optimizer,
-                        train_loss=float(np.mean(losses)), test_loss=test_loss, test_accuracy=test_acc,
-                        seconds=time.perf_counter() - start, **stats)
-    store.write_bytes(MODEL, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
-    store.write_bytes("plots/curves.png", plots.curves(run.log.records))
+            metrics = _epoch_metrics(run, model, data, losses, epoch=epoch, step=epoch * steps_per_epoch,
+                                     optimizer=cfg.optimizer, seconds=time.perf_counter() - start, **stats)
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", test_acc=f"{metrics['test_accuracy']:.4f}")
+            run.log.log("train", **metrics)
+            if run.main:
+                buffer = io.BytesIO()
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                            "fingerprint": fingerprint}, buffer)
+                store.write_bytes(SUBSPACE_STATE, buffer.getvalue())
+            run.session.report(metrics)
+    test_acc = run.log.records[-1]["test_accuracy"]
+    if run.main:
+        store.write_bytes(MODEL, safetensors_bytes({k: v.detach().cpu().contiguous()
+                                                    for k, v in model.state_dict().items()}))
+        store.write_bytes("plots/curves.png", plots.curves(run.log.records))
     result = {"seconds": time.perf_counter() - start, "epochs": cfg.subspace_epochs, "test_accuracy": test_acc,
-              "line_search_failures": stats.get("line_search_failures", 0), "optimizer": cfg.optimizer}
+              "line_search_failures": stats.get("line_search_failures", 0), "optimizer": cfg.optimizer,
+              "workers": comm.world_size, "resumed_after_epoch": first_epoch - 1,
+              "basis_rows_per_rank": comm.all_gather_object(basis_rows.shape[0])}
     run.log.finish("train", result)
     return result
 
@@ -258,7 +415,7 @@ def _step(opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torc
 
 
 def _optimizer_stats(opt: torch.optim.Optimizer, steps: int) -> dict[str, float]:
-    state = next(iter(opt.state.values()))
+    state = next(iter(opt.state.values()), {})
     if "trials" not in state:
         return {}
     return {"line_search_failures": state["line_search_failures"], "mean_trials": state["trials"] / steps,

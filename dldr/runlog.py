@@ -1,7 +1,8 @@
 """metrics.jsonl and summary.json: what each phase of a run logged and what it achieved.
 
 Phases run in order, so re-running one (``dldr basis --dim 20``) drops what it and the phases
-after it had logged: the log always describes the artifacts in the run directory.
+after it had logged: the log always describes the artifacts in the run directory. Only the
+process that owns the run's manifest (rank 0) writes the log; other ranks keep it in memory.
 """
 from __future__ import annotations
 
@@ -25,18 +26,28 @@ class RunLog:
         if store.exists(SUMMARY):
             self.summary = store.read_json(SUMMARY)
 
-    def begin(self, phase: str) -> None:
+    def begin(self, phase: str, resume_after_epoch: int = 0) -> None:
+        """Drop what this phase and later ones logged, except the epochs a resumed phase keeps."""
         stale = set(PHASES[PHASES.index(phase):])
-        self.records = [r for r in self.records if r["phase"] not in stale]
+        self.records = [r for r in self.records if r["phase"] not in stale
+                        or (r["phase"] == phase and 0 < r.get("epoch", 0) <= resume_after_epoch)]
         self.summary["phases"] = {k: v for k, v in self.summary["phases"].items() if k not in stale}
+        if self.store.owner:  # a phase that stops now must not look finished
+            self._write()
+
+    def _write(self) -> None:
+        phases = self.summary["phases"]
+        last = next((phases[p] for p in reversed(PHASES) if "test_accuracy" in phases.get(p, {})), {})
+        self.summary["test_accuracy"] = last.get("test_accuracy")
+        self.store.write_bytes(METRICS, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        self.store.write_json(SUMMARY, self.summary)
 
     def log(self, phase: str, **values: Any) -> None:
         self.records.append({"phase": phase, **values})
-        self.store.write_bytes(METRICS, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        if self.store.owner:
+            self._write()
 
     def finish(self, phase: str, result: dict[str, Any]) -> None:
-        phases = self.summary["phases"]
-        phases[phase] = result
-        last = next((phases[p] for p in reversed(PHASES) if "test_accuracy" in phases.get(p, {})), {})
-        self.summary["test_accuracy"] = last.get("test_accuracy")
-        self.store.write_json(SUMMARY, self.summary)
+        self.summary["phases"][phase] = result
+        if self.store.owner:
+            self._write()

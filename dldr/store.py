@@ -16,8 +16,10 @@ import json
 import posixpath
 import threading
 import uuid
-from collections.abc import Iterator
-from typing import Any, BinaryIO
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO, Self
 
 import fsspec
 import numpy as np
@@ -68,17 +70,37 @@ class _HashingFile:
 
 
 class RunStore:
-    """A run directory at a local path or any fsspec URL (``memory://run``, ``s3://bucket/run``)."""
+    """A run directory at a local path or any fsspec URL (``memory://run``, ``s3://bucket/run``).
 
-    def __init__(self, url: str):
+    One process owns ``manifest.json``. Other processes writing into the same run (the ranks
+    of a distributed phase, Ray tasks) open it with ``owner=False``: their files are written
+    the same way, but their manifest entries collect in ``journal`` for the owner to
+    ``record``, so the manifest never has two writers.
+    """
+
+    def __init__(self, url: str, owner: bool = True):
         self.url = url
+        self.owner = owner
         self.fs, self.root = fsspec.core.url_to_fs(url)
         self._atomic_rename = isinstance(self.fs, LocalFileSystem)
         self._lock = threading.Lock()
         self.manifest: dict[str, dict[str, Any]] = {}
+        self.journal: dict[str, dict[str, Any]] = {}
+        # bytes this process read from each file: what the memory tests of sharding check
+        self.bytes_read: Counter[str] = Counter()
+        self.reload()
+
+    def reload(self) -> None:
+        """Read manifest.json again, after another process (the ranks of a phase) updated it."""
+        self.manifest = {}
         if self.fs.exists(self.abspath(MANIFEST)):
             with self.fs.open(self.abspath(MANIFEST), "rb") as f:
                 self.manifest = json.load(f)["files"]
+
+    @property
+    def location(self) -> str:
+        """The run's address as other processes must open it: local paths made absolute."""
+        return self.root if self._atomic_rename else self.url
 
     def abspath(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
@@ -136,6 +158,23 @@ class RunStore:
     def _record(self, rel: str, entry: dict[str, Any]) -> None:
         with self._lock:
             self.manifest[rel] = entry
+            if self.owner:
+                self._write_manifest()
+            else:
+                self.journal[rel] = entry
+
+    def take_journal(self) -> dict[str, dict[str, Any]]:
+        """The entries of the files written since the last call, for the owner to record."""
+        with self._lock:
+            taken, self.journal = self.journal, {}
+        return taken
+
+    def record(self, entries: dict[str, dict[str, Any]]) -> None:
+        """Add the entries of files other processes wrote, with one manifest write."""
+        if not self.owner:
+            raise RuntimeError("only the store that owns manifest.json records entries")
+        with self._lock:
+            self.manifest.update(entries)
             self._write_manifest()
 
     def _write_manifest(self) -> None:
@@ -148,7 +187,12 @@ class RunStore:
 
     def remove(self, prefix: str) -> None:
         """Forget and delete every recorded file under ``prefix``, e.g. a phase's stale outputs."""
-        doomed = self.files(prefix)
+        self.remove_files(self.files(prefix))
+
+    def remove_files(self, rels: Iterable[str]) -> None:
+        if not self.owner:
+            raise RuntimeError("only the store that owns manifest.json removes files")
+        doomed = [rel for rel in rels if rel in self.manifest]
         if not doomed:
             return
         with self._lock:
@@ -171,7 +215,7 @@ class RunStore:
             np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
     @contextlib.contextmanager
-    def array_writer(self, rel: str, shape: tuple[int, ...], dtype: np.dtype) -> Iterator["RowWriter"]:
+    def array_writer(self, rel: str, shape: tuple[int, ...], dtype: np.dtype) -> Iterator[RowWriter]:
         """Write a C-ordered array of ``shape`` block by block, for arrays too big to hold."""
         dtype = np.dtype(dtype)
         with self.writer(rel, shape=list(shape), dtype=dtype.str) as f:
@@ -202,6 +246,7 @@ class RunStore:
     def read_bytes(self, rel: str) -> bytes:
         self._entry(rel)
         data = self.fs.cat_file(self.abspath(rel))
+        self.bytes_read[rel] += len(data)
         self._check(rel, hashlib.sha256(data).hexdigest())
         return data
 
@@ -214,7 +259,7 @@ class RunStore:
         except ValueError as e:
             raise DldrError(f"{self.abspath(rel)} is not a readable .npy array ({e}); {self._advice(rel)}") from e
 
-    def row_reader(self, rel: str) -> "RowReader":
+    def row_reader(self, rel: str) -> RowReader:
         self._entry(rel)
         return RowReader(self, rel)
 
@@ -262,10 +307,19 @@ class RowReader:
             self.close()
             raise DldrError(f"{self.store.abspath(self.rel)} is truncated; {self.store._advice(self.rel)}")
         self.rows_read += rows
+        self.store.bytes_read[self.rel] += len(data)
         return np.frombuffer(data, dtype=self.dtype).reshape((rows, *self.shape[1:]))
+
+    def skip(self, rows: int) -> None:
+        """Pass over ``rows`` rows without keeping them (they still count for the checksum)."""
+        while rows > 0:
+            step = min(rows, max(1, (1 << 20) // max(self._row_bytes, 1)))
+            self.read(step)
+            rows -= step
 
     def finish(self) -> None:
         """Read what is left and verify the checksum of the whole file."""
+        self.skip(self.shape[0] - self.rows_read)
         while self._f.read(1 << 20):
             pass
         self.close()
@@ -273,3 +327,39 @@ class RowReader:
 
     def close(self) -> None:
         self._raw.close()
+
+
+class BackgroundWriter:
+    """Saves arrays on a background thread, so a training step never waits on storage.
+
+    At most ``max_pending`` arrays wait at once (``submit`` blocks beyond that), which bounds
+    the memory the copies take. ``flush`` waits for everything and re-raises a failed write.
+    """
+
+    def __init__(self, store: RunStore, max_pending: int = 2):
+        self.store = store
+        self.max_pending = max_pending
+        self.largest_bytes = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dldr-writer")
+        self._pending: list[Future] = []
+
+    def submit(self, rel: str, array: np.ndarray) -> None:
+        while len(self._pending) >= self.max_pending:
+            self._pending.pop(0).result()
+        self.largest_bytes = max(self.largest_bytes, array.nbytes)
+        self._pending.append(self._pool.submit(self.store.save_array, rel, array))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.flush()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -10,6 +10,8 @@ import torch
 
 from dldr.comm import Comm, LocalComm
 
+PROJECT_BLOCK_ROWS = 1 << 18
+
 
 class Subspace:
     def __init__(self, basis: torch.Tensor, shard: slice, comm: Comm | None = None):
@@ -24,9 +26,18 @@ class Subspace:
         return self.basis.shape[1]
 
     def project(self, flat_grad: torch.Tensor) -> torch.Tensor:
-        """P^T g in float64, identical on every rank."""
-        local = self.basis.T @ flat_grad[self.shard].to(self.basis.dtype)
-        return self.comm.all_reduce_sum(local).double()
+        """P^T g, accumulated in float64 and identical on every rank.
+
+        A float32 dot product over millions of rows loses digits that BFGS then amplifies, and
+        loses different ones for different shardings; float64 keeps N = 1 and N = 2 together.
+        The basis is converted a block of rows at a time, so the copy stays small.
+        """
+        grad = flat_grad[self.shard]
+        local = torch.zeros(self.dim, dtype=torch.float64, device=self.basis.device)
+        for start in range(0, self.basis.shape[0], PROJECT_BLOCK_ROWS):
+            rows = slice(start, start + PROJECT_BLOCK_ROWS)
+            local += self.basis[rows].double().T @ grad[rows].double()
+        return self.comm.all_reduce_sum(local)
 
     def lift(self, coords: torch.Tensor) -> torch.Tensor:
         """P c as a full parameter-space vector, identical on every rank."""

@@ -20,3 +20,10 @@ def low_rank_trajectory(dim: int = 600, steps: int = 12, rank: int = 8, seed: in
     scales = 2.0 ** -np.arange(rank)
     coords = rng.standard_normal((rank, steps)) * scales[:, None]
     return 5.0 + directions @ coords
+
+
+def largest_principal_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest principal angle (radians) between the column spans of ``a`` and ``b``."""
+    qa, qb = np.linalg.qr(a.astype(np.float64))[0], np.linalg.qr(b.astype(np.float64))[0]
+    cosines = np.linalg.svd(qa.T @ qb, compute_uv=False)
+    return float(np.arccos(np.clip(cosines.min(), -1.0, 1.0)))

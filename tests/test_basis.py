@@ -4,17 +4,11 @@ import pytest
 from dldr.basis import build_basis
 from dldr.errors import DldrError
 from dldr.store import RunStore, basis_path, mean_path, snapshot_path
-from tests.helpers import low_rank_trajectory, write_trajectory
+from tests.helpers import largest_principal_angle, low_rank_trajectory, write_trajectory
 
 
 def _load_basis(store: RunStore, num_shards: int) -> np.ndarray:
     return np.concatenate([store.load_array(basis_path(r, num_shards)) for r in range(num_shards)])
-
-
-def _largest_principal_angle(a: np.ndarray, b: np.ndarray) -> float:
-    qa, qb = np.linalg.qr(a.astype(np.float64))[0], np.linalg.qr(b.astype(np.float64))[0]
-    cosines = np.linalg.svd(qa.T @ qb, compute_uv=False)
-    return float(np.arccos(np.clip(cosines.min(), -1.0, 1.0)))
 
 
 @pytest.mark.parametrize("num_shards", [1, 3])
@@ -30,7 +24,7 @@ def test_basis_is_top_singular_subspace_of_centred_snapshots(store, num_shards):
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     basis = _load_basis(store, num_shards)
     assert basis.shape == (601, dim) and basis.dtype == np.float32
-    assert _largest_principal_angle(basis, u[:, :dim]) < 1e-4
+    assert largest_principal_angle(basis, u[:, :dim]) < 1e-4
     # each column is the singular vector itself (up to sign), not just the same span
     np.testing.assert_allclose(np.abs(np.sum(basis * u[:, :dim], axis=0)), 1.0, atol=1e-5)
     np.testing.assert_allclose(basis.T.astype(np.float64) @ basis, np.eye(dim), atol=1e-5)
@@ -49,7 +43,7 @@ def test_sharding_does_not_change_the_basis(tmp_path):
         write_trajectory(store, trajectory, num_shards)
         build_basis(store, 6)
         bases.append(_load_basis(store, num_shards))
-    assert _largest_principal_angle(*bases) < 1e-5
+    assert largest_principal_angle(*bases) < 1e-5
 
 
 def test_random_basis_has_unit_columns_and_captures_less_variance(tmp_path):

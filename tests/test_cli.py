@@ -1,5 +1,6 @@
 """`dldr` end to end on the bundled digits data: outputs, phase re-runs, and bad input."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -9,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from dldr import data as datasets
-from dldr import models
+from dldr import models, phases
 from dldr.cli import main
 from dldr.params import FlatParams, trainable
 from dldr.phases import evaluate
 from dldr.store import RunStore
 
-SMALL = ["--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2", "--quiet"]
+SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_fit_writes_the_run_directory(small_run):
 def test_the_trained_model_lies_in_the_affine_subspace(small_run):
     store = RunStore(small_run)
     basis = store.load_array("basis/shard-00000-of-00001.npy").astype(np.float64)
-    start = store.load_array("snapshots/shard-00000-of-00001/step-000000.npy").astype(np.float64)
+    start = store.load_array("basis/mean-shard-00000-of-00001.npy").astype(np.float64)  # --start mean
     model = models.create("mlp", 10, (1, 8, 8))
     model.load_state_dict(load_file(store.abspath("model.safetensors")))
     w = FlatParams(trainable(model)).get().numpy().astype(np.float64)
@@ -84,13 +85,12 @@ def test_the_trained_model_lies_in_the_affine_subspace(small_run):
 
 
 def test_phases_rerun_on_an_existing_run(small_run, tmp_path):
-    import shutil
     run_dir = str(tmp_path / "copy")
     shutil.copytree(small_run, run_dir)
     before = RunStore(run_dir)
     snapshots = {rel: before.manifest[rel]["sha256"] for rel in before.files("snapshots/")}
     assert main(["basis", "--run-dir", run_dir, "--dim", "4", "--quiet"]) == 0
-    assert main(["train", "--run-dir", run_dir, "--optimizer", "psgd", "--start", "mean", "--quiet"]) == 0
+    assert main(["train", "--run-dir", run_dir, "--optimizer", "psgd", "--start", "first", "--quiet"]) == 0
     store = RunStore(run_dir)
     assert {rel: store.manifest[rel]["sha256"] for rel in store.files("snapshots/")} == snapshots
     assert store.load_array("basis/shard-00000-of-00001.npy").shape[1] == 4
@@ -173,7 +173,6 @@ def test_dim_not_below_snapshots_leaves_the_run_intact(small_run, capsys):
 
 @pytest.mark.parametrize("damage", ["flip", "delete"])
 def test_corrupt_or_missing_shard_is_named(small_run, tmp_path, capsys, damage):
-    import shutil
     run_dir = str(tmp_path / "damaged")
     shutil.copytree(small_run, run_dir)
     victim = RunStore(run_dir).abspath("snapshots/shard-00000-of-00001/step-000017.npy")
@@ -218,3 +217,33 @@ def test_unknown_config_key_is_named(tmp_path, capsys):
     spec.write_text("model: mlp\nlearning_rate: 0.1\n")
     assert main(["fit", "--config", str(spec), "--run-dir", str(tmp_path / "r")]) == 1
     assert "unknown key 'learning_rate'" in _error_line(capsys)
+
+
+class _StopAt(phases.Session):
+    """Stops the run like Ctrl-C would, after a given optimizer step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, step):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_stopped_train_phase_resumes_where_it_stopped(small_run, tmp_path):
+    run_dir = str(tmp_path / "stopped")
+    shutil.copytree(small_run, run_dir)
+    run = phases.open_run(run_dir, {})
+    run.session = _StopAt(15)  # epoch 2 of 2; epoch 1 ended at step 11 with a saved state
+    with pytest.raises(KeyboardInterrupt):
+        phases.train(run)
+    store = RunStore(run_dir)
+    assert "train" not in store.read_json("summary.json")["phases"]
+    assert torch.load(store.abspath(phases.SUBSPACE_STATE), weights_only=True)["epoch"] == 1
+
+    assert main(["train", "--run-dir", run_dir, "--quiet"]) == 0
+    resumed, uninterrupted = RunStore(run_dir), RunStore(small_run)
+    assert resumed.read_json("summary.json")["phases"]["train"]["resumed_after_epoch"] == 1
+    assert resumed.manifest["model.safetensors"]["sha256"] == uninterrupted.manifest["model.safetensors"]["sha256"]
+    records = [json.loads(line) for line in resumed.read_bytes("metrics.jsonl").decode().splitlines()]
+    assert [r["epoch"] for r in records if r["phase"] == "train"] == [1, 2]

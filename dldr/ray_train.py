@@ -1,0 +1,317 @@
+"""The one module that knows Ray: phases 1 and 3 on Ray Train workers, phase 2 as Ray tasks.
+
+The driver connects to a cluster (``--address``, RAY_ADDRESS) or starts a local instance that
+listens on loopback only, checks that the cluster can place the workers and that every node
+sees the run directory, and then runs each phase: a ``TorchTrainer`` whose workers call the
+same ``dldr.phases`` functions as the in-process path, with a ``TorchComm`` over the process
+group Ray Train sets up (Gloo on CPU, NCCL on GPU) and a ``RaySession`` for progress,
+metrics and checkpoints; phase 2's per-shard passes run as one Ray task per shard.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from tqdm.auto import tqdm
+
+from dldr import phases
+from dldr.comm import TorchComm
+from dldr.config import Config
+from dldr.errors import DldrError
+from dldr.runlog import RunLog
+from dldr.store import RunStore
+
+CHECKPOINTS = "checkpoints"
+CONNECT_TIMEOUT_S = 5.0
+# ray.train.report waits for the controller's next poll of the workers (2 s by default): with
+# a report per epoch that dominates short epochs, so a local instance polls more often.
+LOCAL_HEALTH_CHECK_INTERVAL_S = "0.25"
+
+
+@dataclass
+class FailureInjection:
+    """Kill the worker of ``rank`` (SIGKILL) after SGD step ``step``, once per ``marker`` file.
+
+    For tests and chaos drills: a real process death that Ray Train must recover from.
+    """
+    rank: int
+    step: int
+    marker: str
+
+
+# ---- the cluster -------------------------------------------------------------------------------
+
+def _loopback_only() -> None:
+    """Make a local instance bind and advertise 127.0.0.1 only, for this process and its children."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Ray reads the variable when it is imported, which has happened by now.
+    from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _check_reachable(address: str) -> None:
+    if address.startswith("ray://"):
+        raise DldrError(f"--address {address} is a Ray Client address; give the cluster's GCS address "
+                        "host:port (6379 by default) instead")
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise DldrError(f"cannot reach a Ray cluster at {address} ({reason}); start one with `ray start --head`, "
+                        "fix --address / RAY_ADDRESS, or leave both out to use a local Ray instance") from None
+
+
+def _token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").exists())
+
+
+@contextlib.contextmanager
+def cluster(address: str) -> Iterator[None]:
+    """Connect to the cluster at ``address`` (or RAY_ADDRESS), or start and stop a local one.
+
+    An existing connection of this process (a notebook, the test session) is used as it is.
+    """
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    temp_dir = None
+    try:
+        if address and address != "auto":
+            _check_reachable(address)
+            if "RAY_AUTH_MODE" not in os.environ and _token_available():
+                os.environ["RAY_AUTH_MODE"] = "token"  # Ray enables tokens for explicit addresses only when told
+            ray.init(address=address, configure_logging=False, log_to_driver=True)
+        elif address:
+            ray.init(address="auto", configure_logging=False, log_to_driver=True)
+        else:
+            _loopback_only()
+            os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
+            temp_dir = tempfile.mkdtemp(prefix="dldr-ray-", dir="/tmp")  # short: Ray puts sockets inside
+            ray.init(address="local", _temp_dir=temp_dir, configure_logging=False,
+                     log_to_driver=True)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise DldrError(f"cannot connect to the Ray cluster at {address or 'a new local instance'}: {first}; "
+                        "check the address and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds the "
+                        "cluster's token") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def check_placement(cfg: Config) -> None:
+    """Refuse what Ray would wait for forever: more workers than the cluster's CPUs or GPUs."""
+    total = ray.cluster_resources()
+    cpus = int(total.get("CPU", 0))
+    if cpus < cfg.workers:
+        raise DldrError(f"--workers {cfg.workers} needs {cfg.workers} CPUs (one per worker) but the Ray cluster "
+                        f"has {cpus}; lower --workers or add nodes")
+    if cfg.device == "cuda":
+        per_worker = _gpus_per_worker(cfg)
+        gpus = total.get("GPU", 0)
+        if gpus < cfg.workers * per_worker:
+            raise DldrError(f"--workers {cfg.workers} with {per_worker:g} GPUs each needs "
+                            f"{cfg.workers * per_worker:g} GPUs but the Ray cluster has {gpus:g}; "
+                            "lower --workers or --gpus-per-worker, or use --device cpu")
+
+
+def _gpus_per_worker(cfg: Config) -> float:
+    return cfg.gpus_per_worker or 1.0
+
+
+@ray.remote(num_cpus=0)
+def _config_checksum(location: str) -> str | None:
+    entry = RunStore(location, owner=False).manifest.get(phases.CONFIG)
+    return entry["sha256"] if entry else None
+
+
+def _check_visible(store: RunStore) -> None:
+    """Every node must see the run directory the driver wrote (Ray's storage rule, checked up front)."""
+    expected = store.manifest[phases.CONFIG]["sha256"]
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    seen = ray.get([_config_checksum.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                    .remote(store.location) for n in nodes])
+    for node, checksum in zip(nodes, seen):
+        if checksum != expected:
+            raise DldrError(f"the Ray workers on node {node['NodeManagerAddress']} do not see the run directory "
+                            f"{store.url} that this process wrote; use a --run-dir every node can reach "
+                            "(a shared file system, or s3://bucket/run)")
+
+
+# ---- phases 1 and 3: Ray Train ------------------------------------------------------------------
+
+class _EpochLines:
+    """tqdm's interface, printing one line per epoch: Ray forwards worker output line by line."""
+
+    def __init__(self, desc: str, total: int):
+        self.desc, self.total, self.n = desc, total, 0
+        self.start = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **values: str) -> None:
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        print(f"{self.desc}: {self.n}/{self.total} steps, {shown}, {time.perf_counter() - self.start:.1f} s",
+              flush=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+class RaySession(phases.Session):
+    """Progress, metrics and checkpoints of a phase on a Ray Train worker."""
+
+    def __init__(self, rank: int, failure: FailureInjection | None = None):
+        self.rank = rank
+        self.failure = failure if failure and failure.rank == rank else None
+
+    def bar(self, desc: str, total: int, enabled: bool) -> Any:
+        return _EpochLines(desc, total) if enabled else tqdm(total=total, disable=True)
+
+    def restore(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return {"shared": torch.load(Path(folder) / "state.pt", weights_only=True),
+                    "rank": torch.load(Path(folder) / f"rank-{self.rank:05d}.pt", weights_only=True)}
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            if self.rank == 0:
+                torch.save(state["shared"], Path(folder) / "state.pt")
+            torch.save(state["rank"], Path(folder) / f"rank-{self.rank:05d}.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"epoch-{metrics['epoch']:05d}")
+
+    def after_step(self, step: int) -> None:
+        if self.failure and step == self.failure.step and not os.path.exists(self.failure.marker):
+            Path(self.failure.marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _worker_loop(config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: one phase over this worker's rank of the process group."""
+    logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs every report at INFO
+    device = ray.train.torch.get_device()
+    comm = TorchComm(device)
+    run = phases.Run(Config.from_dict(config["config"]), RunStore(config["location"], owner=comm.rank == 0),
+                     comm=comm, progress=config["progress"], device=device,
+                     session=RaySession(comm.rank, config["failure"]))
+    phases.PHASE_FUNCTIONS[config["phase"]](run)
+
+
+def _worker_error(error: Exception, phase: str) -> DldrError:
+    """The user-facing error among the workers' failures: a DldrError if one raised it."""
+    failures = list(getattr(error, "worker_failures", {}).values()) or [error]
+    for failure in failures:
+        cause: BaseException | None = failure
+        while cause is not None:
+            inner = getattr(cause, "cause", None)  # a RayTaskError wraps the exception the task raised
+            if isinstance(inner, BaseException) and inner is not cause:
+                cause = inner
+            elif isinstance(cause, DldrError):
+                return DldrError(str(cause))
+            else:
+                cause = cause.__cause__
+    first = str(failures[0]).strip().splitlines()
+    return DldrError(f"phase {phase} failed on the Ray workers: {first[-1] if first else type(failures[0]).__name__}; "
+                     "the worker logs are in the Ray session's logs folder")
+
+
+def _train_phase(run: phases.Run, phase: str, failure: FailureInjection | None) -> None:
+    cfg = run.cfg
+    use_gpu = cfg.device == "cuda"
+    scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                      resources_per_worker={"CPU": 1, "GPU": _gpus_per_worker(cfg)} if use_gpu else None)
+    run_config = ray.train.RunConfig(
+        name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=f"{run.store.location}/{CHECKPOINTS}",
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"))
+    loop_config = {"config": asdict(cfg), "location": run.store.location, "phase": phase,
+                   "progress": run.progress, "failure": failure}
+    trainer = TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise _worker_error(e, phase) from None
+    finally:
+        run.store.reload()
+        run.log = RunLog(run.store)
+
+
+# ---- phase 2: Ray tasks -------------------------------------------------------------------------
+
+@ray.remote(num_cpus=1)
+def _shard_task(location: str, fn: Callable[..., Any], args: tuple) -> tuple[Any, dict, dict]:
+    store = RunStore(location, owner=False)
+    return fn(store, *args), store.take_journal(), dict(store.bytes_read)
+
+
+class RayShardMap:
+    """Runs phase 2's per-shard passes as Ray tasks, one per shard; the driver records their files.
+
+    ``bytes_read`` keeps, per pass and shard, the bytes each task read from each file.
+    """
+
+    def __init__(self, store: RunStore, on_pass: Callable[[], object] = lambda: None):
+        self.store, self.on_pass = store, on_pass
+        self.bytes_read: list[list[dict[str, int]]] = []
+
+    def __call__(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+        pending = [_shard_task.remote(self.store.location, fn, a) for a in args]
+        refs = list(pending)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for _ in done:
+                self.on_pass()
+        try:
+            outputs = ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            raise _worker_error(e, "basis") from None
+        self.store.record({rel: entry for _, journal, _ in outputs for rel, entry in journal.items()})
+        self.bytes_read.append([reads for _, _, reads in outputs])
+        return [value for value, _, _ in outputs]
+
+
+# ---- the driver ---------------------------------------------------------------------------------
+
+def run_phases(run: phases.Run, names: list[str], failure: FailureInjection | None = None) -> None:
+    """Run the named phases of ``run`` on the connected cluster (see ``cluster``)."""
+    check_placement(run.cfg)
+    _check_visible(run.store)
+    for name in names:
+        if name == "basis":
+            run.shard_map = RayShardMap
+            phases.basis(run)
+        else:
+            _train_phase(run, name, failure)

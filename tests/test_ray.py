@@ -1,0 +1,178 @@
+"""The Ray Train engine: sharding changes nothing but rounding, a killed worker resumes, bad input.
+
+Every test here shares one local Ray instance (the ``ray_cluster`` fixture); the runs use the
+default digits configuration, so N = 1 and N = 2 can be compared step by step.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import psutil
+import pytest
+import ray
+import torch
+
+from dldr import phases, ray_train
+from dldr.basis import build_basis
+from dldr.cli import main
+from dldr.config import Config
+from dldr.params import shard_slices
+from dldr.store import RunStore, snapshot_path
+from tests.helpers import largest_principal_angle
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+NUM_PARAMS = 85_002
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory):
+    """`dldr fit` with the default configuration on one and on two Ray Train workers."""
+    runs = {}
+    for workers in (1, 2):
+        runs[workers] = str(tmp_path_factory.mktemp("ray") / f"w{workers}")
+        assert main(["fit", "--run-dir", runs[workers], "--workers", str(workers), "--quiet"]) == 0
+    return runs
+
+
+def _snapshot(store: RunStore, step: int) -> np.ndarray:
+    name = f"step-{step:06d}.npy"
+    return np.concatenate([store.load_array(next(rel for rel in rels if rel.endswith(name)))
+                           for rels in store.snapshot_shards()])
+
+
+def _relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def test_two_workers_write_the_snapshots_of_one(fits):
+    one, two = RunStore(fits[1]), RunStore(fits[2])
+    assert [len(s) for s in one.snapshot_shards()] == [56]
+    assert [len(s) for s in two.snapshot_shards()] == [56, 56]
+    assert two.files("snapshots/shard-00001-of-00002/")[0].endswith("step-000000.npy")
+    for step in range(0, 12, 2):  # the first epoch: 11 steps of the global batch of 128
+        assert _relative(_snapshot(two, step), _snapshot(one, step)) < 1e-4, step
+
+
+def test_two_workers_end_within_half_a_point_of_one(fits):
+    summaries = {n: RunStore(run).read_json("summary.json") for n, run in fits.items()}
+    assert summaries[1]["phases"]["train"]["workers"] == 1 and summaries[2]["phases"]["train"]["workers"] == 2
+    assert abs(summaries[1]["test_accuracy"] - summaries[2]["test_accuracy"]) <= 0.005
+    assert summaries[2]["test_accuracy"] >= 0.96
+    for n, run in fits.items():  # every epoch went to metrics.jsonl on the driver's side
+        records = [json.loads(line) for line in RunStore(run).read_bytes("metrics.jsonl").decode().splitlines()]
+        assert [r["epoch"] for r in records if r["phase"] == "train"] == list(range(1, 11)), n
+
+
+def test_each_rank_holds_only_its_shard(fits):
+    """Phase 1 copies out and writes only the rank's slice; phase 3 loads only its rows of P."""
+    summary = RunStore(fits[2]).read_json("summary.json")["phases"]
+    lengths = [s.stop - s.start for s in shard_slices(NUM_PARAMS, 2)]
+    assert summary["sample"]["largest_snapshot_bytes"] == [4 * n for n in lengths]
+    assert summary["train"]["basis_rows_per_rank"] == lengths
+
+
+def test_two_shard_basis_equals_one_shard_basis(fits, tmp_path):
+    """From the same snapshot files: Ray tasks over 2 shards vs one process over 1 shard."""
+    sharded = str(tmp_path / "sharded")
+    shutil.copytree(fits[2], sharded)
+    two = RunStore(sharded)
+    shards = two.snapshot_shards()
+    whole = RunStore(str(tmp_path / "whole"))
+    for step in range(len(shards[0])):
+        whole.save_array(snapshot_path(0, 1, step), _snapshot(two, 2 * step))
+
+    tasks = ray_train.RayShardMap(two)
+    report = build_basis(two, 40, map_shards=tasks)
+    build_basis(whole, 40)
+    p2 = np.concatenate([two.load_array(f"basis/shard-0000{r}-of-00002.npy") for r in range(2)])
+    p1 = whole.load_array("basis/shard-00000-of-00001.npy")
+    assert largest_principal_angle(p2, p1) < 1e-4
+    assert report.num_shards == 2 and report.orthonormality_error < 1e-3
+    # each task read the files of its own shard and nothing else, in both passes
+    for reads in tasks.bytes_read:
+        for rank, task_reads in enumerate(reads):
+            assert set(task_reads) == set(shards[rank])
+            assert all(task_reads[rel] == two.manifest[rel]["bytes"] - 128 for rel in shards[rank])
+
+
+def _coords(run_dir: str) -> np.ndarray:
+    state = torch.load(RunStore(run_dir).abspath(phases.SUBSPACE_STATE), weights_only=True)
+    return state["optimizer"]["state"][0]["coords"].numpy()
+
+
+def test_pbfgs_on_two_workers_follows_one(fits, tmp_path):
+    """From the same basis, 22 P-BFGS steps (2 epochs) on N = 1 and on N = 2."""
+    coords = {}
+    for workers in (1, 2):
+        run_dir = str(tmp_path / f"train{workers}")
+        shutil.copytree(fits[1], run_dir)
+        assert main(["train", "--run-dir", run_dir, "--workers", str(workers), "--subspace-epochs", "2",
+                     "--quiet"]) == 0
+        coords[workers] = _coords(run_dir)
+    assert np.linalg.norm(coords[1]) > 1.0
+    assert _relative(coords[2], coords[1]) < 1e-4
+
+
+def test_a_killed_worker_resumes_with_the_same_snapshots(fits, tmp_path):
+    """Rank 1 is SIGKILLed at step 27 (epoch 3); Ray restarts the group from epoch 2's checkpoint."""
+    run_dir = str(tmp_path / "killed")
+    run = phases.start_run(Config(run_dir=run_dir, workers=2, max_failures=1), progress=False)
+    marker = tmp_path / "killed-once"
+    ray_train.run_phases(run, ["sample"], failure=ray_train.FailureInjection(rank=1, step=27, marker=str(marker)))
+    assert marker.exists()
+    killed, unfailed = RunStore(run_dir), RunStore(fits[2])
+    checksums = {rel: killed.manifest[rel]["sha256"] for rel in killed.files("snapshots/")}
+    assert checksums == {rel: unfailed.manifest[rel]["sha256"] for rel in unfailed.files("snapshots/")}
+    assert len(checksums) == 2 * 56
+    records = [json.loads(line) for line in killed.read_bytes("metrics.jsonl").decode().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 11))
+    assert os.listdir(killed.abspath(ray_train.CHECKPOINTS))
+
+
+def test_the_local_instance_listens_on_loopback_with_token_auth():
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    assert get_authentication_mode() == AuthenticationMode.TOKEN
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    listening = [c.laddr for p in psutil.Process().children(recursive=True)
+                 for c in _connections(p) if c.status == psutil.CONN_LISTEN]
+    assert listening and all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for addr in listening), listening
+
+
+def _connections(process: psutil.Process) -> list:
+    try:
+        return process.net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def _error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("dldr: ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_more_workers_than_cpus_is_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "too-many"
+    assert main(["fit", "--run-dir", str(run_dir), "--workers", "4", "--quiet"]) == 1
+    assert "--workers 4 needs 4 CPUs (one per worker) but the Ray cluster has 2" in _error_line(capsys)
+    assert not run_dir.exists()
+
+
+def test_a_run_directory_the_workers_cannot_see_is_one_line(capsys):
+    # memory:// lives in this process only: the Ray workers' processes see an empty file system
+    assert main(["fit", "--run-dir", "memory://dldr-invisible", "--workers", "1", "--quiet"]) == 1
+    assert "do not see the run directory memory://dldr-invisible" in _error_line(capsys)
+
+
+def test_an_unreachable_address_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dldr.cli", "fit", "--address", "127.0.0.1:9", "--run-dir",
+                          str(tmp_path / "r"), "--quiet"], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dldr: error: cannot reach a Ray cluster at 127.0.0.1:9")
+    assert not (tmp_path / "r").exists()
