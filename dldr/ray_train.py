@@ -103,6 +103,8 @@ def cluster(address: str) -> Iterator[None]:
             ray.init(address="auto", configure_logging=False, log_to_driver=True)
         else:
             _loopback_only()
+            # Ray turns token authentication on for a new local instance and warns that it did.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
             temp_dir = tempfile.mkdtemp(prefix="dldr-ray-", dir="/tmp")  # short: Ray puts sockets inside
             ray.init(address="local", _temp_dir=temp_dir, configure_logging=False,
