@@ -189,7 +189,7 @@ def sample(run: Run) -> dict[str, Any]:
         shared = resumed["shared"]
         model.load_state_dict(shared["model"])
         opt.load_state_dict(shared["optimizer"])
-        torch.set_rng_state(resumed["rank"]["rng"])
+        _set_rng(resumed["rank"], run.device)
         first_epoch, step, snapshots = shared["epoch"] + 1, shared["step"], shared["snapshots"]
         if run.main:
             run.log.begin("sample", resume_after_epoch=shared["epoch"])
@@ -230,14 +230,28 @@ def sample(run: Run) -> dict[str, Any]:
             run.session.report(metrics, state={
                 "shared": {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                            "step": step, "snapshots": snapshots, "snapshot_files": store.files("snapshots/")},
-                "rank": {"rng": torch.get_rng_state()}})
+                "rank": _rng(run.device)})
     result = {"seconds": time.perf_counter() - start, "epochs": cfg.sample_epochs, "snapshots": snapshots,
-              "test_accuracy": metrics["test_accuracy"], "workers": comm.world_size,
+              "test_accuracy": run.log.records[-1]["test_accuracy"], "workers": comm.world_size,
               "largest_snapshot_bytes": comm.all_gather_object(writer.largest_bytes)}
     if run.main:
         store.write_bytes("plots/curves.png", plots.curves(run.log.records))
     run.log.finish("sample", result)
     return result
+
+
+def _rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's random state (dropout, augmentation), for an exact resume."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _steps(cfg: Config, data: datasets.Dataset) -> int:
