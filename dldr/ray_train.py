@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import ray
 import ray.train
@@ -178,7 +178,7 @@ class _EpochLines:
         print(f"{self.desc}: {self.n}/{self.total} steps, {shown}, {time.perf_counter() - self.start:.1f} s",
               flush=True)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> _EpochLines:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -19,7 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO
 
 import fsspec
 import numpy as np
@@ -354,7 +354,7 @@ class BackgroundWriter:
         for future in pending:
             future.result()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> BackgroundWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
