@@ -35,8 +35,17 @@ class FlatParams:
         self.params = list(params)
         self.numel = sum(p.numel() for p in self.params)
 
-    def get(self) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
+    def get(self, rows: slice | None = None) -> torch.Tensor:
+        """A copy of w, or of its ``rows`` only: a rank's snapshot never copies the other shards."""
+        if rows is None:
+            return torch.cat([p.detach().reshape(-1) for p in self.params])
+        pieces, offset = [], 0
+        for p in self.params:
+            lo, hi = max(rows.start, offset), min(rows.stop, offset + p.numel())
+            if lo < hi:
+                pieces.append(p.detach().reshape(-1)[lo - offset:hi - offset])
+            offset += p.numel()
+        return torch.cat(pieces)
 
     def grad(self) -> torch.Tensor:
         return torch.cat([

@@ -45,9 +45,9 @@ TRAIN_KEYS = ("model", "data", "seed", "batch_size", "label_noise", "start", "op
 class Session:
     """What a phase asks of the machinery that runs it. This one runs everything in-process.
 
-    The Ray engine supplies a subclass on each worker: its progress bar shows on the driver,
-    ``report`` goes to ``ray.train.report`` with a checkpoint, and ``restore`` returns the
-    checkpoint a restarted worker group resumes from.
+    The Ray engine supplies a subclass on each worker: rank 0 prints its progress once an
+    epoch, ``report`` goes to ``ray.train.report`` with a checkpoint, and ``restore`` returns
+    the checkpoint a restarted worker group resumes from.
     """
 
     def bar(self, desc: str, total: int, enabled: bool) -> Any:
@@ -198,7 +198,7 @@ def sample(run: Run) -> dict[str, Any]:
 
     with BackgroundWriter(store) as writer, run.bar("sample", cfg.sample_epochs * _steps(cfg, data)) as bar:
         def snapshot() -> None:
-            writer.submit(snapshot_path(comm.rank, comm.world_size, step), flat.get()[shard].cpu().numpy())
+            writer.submit(snapshot_path(comm.rank, comm.world_size, step), flat.get(shard).cpu().numpy())
 
         if resumed is None:
             snapshot()

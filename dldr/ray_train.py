@@ -224,6 +224,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: one phase over this worker's rank of the process group."""
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs every report at INFO
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     comm = TorchComm(device)
     run = phases.Run(Config.from_dict(config["config"]), RunStore(config["location"], owner=comm.rank == 0),
                      comm=comm, progress=config["progress"], device=device,

@@ -158,8 +158,9 @@ def _error_line(capsys) -> str:
 
 def test_more_workers_than_cpus_is_one_line(tmp_path, capsys):
     run_dir = tmp_path / "too-many"
-    assert main(["fit", "--run-dir", str(run_dir), "--workers", "4", "--quiet"]) == 1
-    assert "--workers 4 needs 4 CPUs (one per worker) but the Ray cluster has 2" in _error_line(capsys)
+    assert main(["fit", "--run-dir", str(run_dir), "--workers", "128", "--quiet"]) == 1
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert f"--workers 128 needs 128 CPUs (one per worker) but the Ray cluster has {cpus}" in _error_line(capsys)
     assert not run_dir.exists()
 
 
