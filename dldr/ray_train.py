@@ -92,34 +92,30 @@ def cluster(address: str) -> Iterator[None]:
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
-    temp_dir = None
-    try:
-        if address and address != "auto":
-            _check_reachable(address)
-            if "RAY_AUTH_MODE" not in os.environ and _token_available():
-                os.environ["RAY_AUTH_MODE"] = "token"  # Ray enables tokens for explicit addresses only when told
-            ray.init(address=address, configure_logging=False, log_to_driver=True)
-        elif address:
-            ray.init(address="auto", configure_logging=False, log_to_driver=True)
-        else:
-            _loopback_only()
-            # Ray turns token authentication on for a new local instance and warns that it did.
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
-            temp_dir = tempfile.mkdtemp(prefix="dldr-ray-", dir="/tmp")  # short: Ray puts sockets inside
-            ray.init(address="local", _temp_dir=temp_dir, configure_logging=False,
-                     log_to_driver=True)
-    except (ConnectionError, ray.exceptions.AuthenticationError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise DldrError(f"cannot connect to the Ray cluster at {address or 'a new local instance'}: {first}; "
-                        "check the address and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds the "
-                        "cluster's token") from None
-    try:
+    with contextlib.ExitStack() as cleanup:
+        try:
+            if address and address != "auto":
+                _check_reachable(address)
+                if "RAY_AUTH_MODE" not in os.environ and _token_available():
+                    os.environ["RAY_AUTH_MODE"] = "token"  # Ray enables tokens for explicit addresses only when told
+                ray.init(address=address, configure_logging=False, log_to_driver=True)
+            elif address:
+                ray.init(address="auto", configure_logging=False, log_to_driver=True)
+            else:
+                _loopback_only()
+                os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
+                # Ray turns token authentication on for a new local instance and warns that it did.
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+                temp_dir = tempfile.mkdtemp(prefix="dldr-ray-", dir="/tmp")  # short: Ray puts sockets inside
+                cleanup.callback(shutil.rmtree, temp_dir, ignore_errors=True)
+                ray.init(address="local", _temp_dir=temp_dir, configure_logging=False, log_to_driver=True)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise DldrError(f"cannot connect to the Ray cluster at {address or 'a new local instance'}: {first}; "
+                            "check the address and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds the "
+                            "cluster's token") from None
+        cleanup.callback(ray.shutdown)
         yield
-    finally:
-        ray.shutdown()
-        if temp_dir:
-            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def check_placement(cfg: Config) -> None:
