@@ -25,6 +25,7 @@ from typing import Any
 import ray
 import ray.train
 import torch
+from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
 from ray.train.torch import TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
@@ -77,11 +78,6 @@ def _check_reachable(address: str) -> None:
                         "fix --address / RAY_ADDRESS, or leave both out to use a local Ray instance") from None
 
 
-def _token_available() -> bool:
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-                or (Path.home() / ".ray" / "auth_token").exists())
-
-
 @contextlib.contextmanager
 def cluster(address: str) -> Iterator[None]:
     """Connect to the cluster at ``address`` (or RAY_ADDRESS), or start and stop a local one.
@@ -96,8 +92,9 @@ def cluster(address: str) -> Iterator[None]:
         try:
             if address and address != "auto":
                 _check_reachable(address)
-                if "RAY_AUTH_MODE" not in os.environ and _token_available():
-                    os.environ["RAY_AUTH_MODE"] = "token"  # Ray enables tokens for explicit addresses only when told
+                # Ray uses a token found in RAY_AUTH_TOKEN(_PATH) or ~/.ray/auth_token for a local
+                # cluster only; a cluster given by address gets it the same way here.
+                maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
                 ray.init(address=address, configure_logging=False, log_to_driver=True)
             elif address:
                 ray.init(address="auto", configure_logging=False, log_to_driver=True)

@@ -177,3 +177,21 @@ def test_an_unreachable_address_is_one_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dldr: error: cannot reach a Ray cluster at 127.0.0.1:9")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_worker_error_is_one_line(tmp_path, capsys):
+    run_dir = tmp_path / "diverged"
+    assert main(["fit", "--run-dir", str(run_dir), "--workers", "1", "--lr", "1e6", "--quiet"]) == 1
+    line = _error_line(capsys)
+    assert "sampling loss became nan" in line and "lower --lr" in line
+
+
+def test_another_process_connects_by_address_with_the_token(tmp_path):
+    """`--address` of a running cluster (this session's), as a job on a shared cluster would."""
+    address = ray.get_runtime_context().gcs_address
+    run_dir = tmp_path / "by-address"
+    out = subprocess.run([sys.executable, "-m", "dldr.cli", "sample", "--address", address, "--run-dir", str(run_dir),
+                          "--sample-epochs", "1", "--quiet"], capture_output=True, text=True, timeout=300,
+                         check=False, env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(RunStore(str(run_dir)).files("snapshots/shard-00000-of-00001/")) == 1 + 11 // 2
