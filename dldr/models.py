@@ -7,6 +7,7 @@ import timm
 from timm.models import register_model
 from torch import nn
 
+from dldr import cifar_resnet  # noqa: F401  (registers cifar_resnet20, 32, 44, 56, 110 with timm)
 from dldr.errors import DldrError
 
 # Registered models whose first layer depends on the input size, so it is passed to them.
@@ -41,7 +42,8 @@ def mlp(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1,
 
 def create(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     if not timm.is_model(name):
-        raise DldrError(f"unknown model {name!r}; use a timm model name (see timm.list_models()) or mlp")
+        raise DldrError(f"unknown model {name!r}; use a timm model name (see timm.list_models()), "
+                        "cifar_resnet20/32/44/56/110 or mlp")
     kwargs = {"num_classes": num_classes, "in_chans": input_shape[0]}
     if name in _TAKES_IMG_SIZE:
         kwargs["img_size"] = tuple(input_shape[1:])
