@@ -205,8 +205,7 @@ def sample(run: Run) -> dict[str, Any]:
         bar.update((first_epoch - 1) * _steps(cfg, data))
         for epoch in range(first_epoch, cfg.sample_epochs + 1):
             losses = []
-            for xb, yb in datasets.batches(data.train_x, data.train_y, cfg.batch_size, cfg.seed, epoch,
-                                           comm.rank, comm.world_size):
+            for xb, yb in datasets.batches(data, cfg.batch_size, cfg.seed, epoch, comm.rank, comm.world_size):
                 loss = F.cross_entropy(net(xb.to(run.device)), yb.to(run.device))
                 losses.append(_finite(loss, "sampling", epoch, "lower --lr"))
                 opt.zero_grad(set_to_none=True)
@@ -383,8 +382,8 @@ def train(run: Run) -> dict[str, Any]:
         bar.update((first_epoch - 1) * steps_per_epoch)
         for epoch in range(first_epoch, cfg.subspace_epochs + 1):
             losses = []
-            for step, (xb, yb) in enumerate(datasets.batches(data.train_x, data.train_y, cfg.batch_size,
-                                                             cfg.seed + 1, epoch, comm.rank, comm.world_size),
+            for step, (xb, yb) in enumerate(datasets.batches(data, cfg.batch_size, cfg.seed + 1, epoch,
+                                                             comm.rank, comm.world_size),
                                             start=(epoch - 1) * steps_per_epoch + 1):
                 losses.append(_finite(_step(opt, net, xb.to(run.device), yb.to(run.device)), "subspace",
                                       epoch, "try --start mean, a smaller --dim or --optimizer pbfgs"))

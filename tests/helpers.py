@@ -27,3 +27,23 @@ def largest_principal_angle(a: np.ndarray, b: np.ndarray) -> float:
     qa, qb = np.linalg.qr(a.astype(np.float64))[0], np.linalg.qr(b.astype(np.float64))[0]
     cosines = np.linalg.svd(qa.T @ qb, compute_uv=False)
     return float(np.arccos(np.clip(cosines.min(), -1.0, 1.0)))
+
+
+def write_cifar(root, kind: str = "cifar10", per_file: int = 40, seed: int = 0) -> np.ndarray:
+    """A CIFAR folder in the python-version layout with random images; returns the training images."""
+    import pickle
+
+    from dldr.cifar import LAYOUTS
+
+    name, train_files, test_file, label_key, classes = LAYOUTS[kind]
+    folder = root / name
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    images = []
+    for file in [*train_files, test_file]:
+        data = rng.integers(0, 256, (per_file, 3 * 32 * 32), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, classes, per_file)]
+        with open(folder / file, "wb") as f:
+            pickle.dump({b"data": data, label_key: labels, b"batch_label": b"generated"}, f, protocol=2)
+        images.append(data)
+    return np.concatenate(images[:-1]).reshape(-1, 3, 32, 32)
