@@ -21,7 +21,7 @@ from dldr.cli import main
 from dldr.config import Config
 from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
-from tests.helpers import largest_principal_angle
+from tests.helpers import largest_principal_angle, write_cifar
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 NUM_PARAMS = 85_002
@@ -195,3 +195,16 @@ def test_another_process_connects_by_address_with_the_token(tmp_path):
                          check=False, env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(RunStore(str(run_dir)).files("snapshots/shard-00000-of-00001/")) == 1 + 11 // 2
+
+
+def test_cifar_resnet_on_cifar_through_all_phases_on_two_workers(tmp_path):
+    """A BatchNorm model on augmented CIFAR-format data, on Ray Train workers."""
+    write_cifar(tmp_path / "data")
+    run_dir = str(tmp_path / "run")
+    assert main(["fit", "--run-dir", run_dir, "--workers", "2", "--model", "cifar_resnet20", "--data",
+                 f"cifar10:{tmp_path / 'data'}", "--batch-size", "50", "--sample-epochs", "3", "--snapshot-every",
+                 "1", "--dim", "4", "--subspace-epochs", "1", "--quiet"]) == 0
+    store = RunStore(run_dir)
+    assert [len(rels) for rels in store.snapshot_shards()] == [13, 13]
+    summary = store.read_json("summary.json")["phases"]
+    assert summary["train"]["workers"] == 2 and summary["basis"]["dim"] == 4
