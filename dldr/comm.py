@@ -64,7 +64,10 @@ class TorchComm:
 
     def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
         # Gloo and NCCL gather equal lengths only: pad each slice to the longest, then trim.
-        lengths = [int(n) for n in self.all_gather_object(tensor.numel())]
+        length = torch.tensor([tensor.numel()], device=self.device)
+        sizes = [torch.empty_like(length) for _ in range(self.world_size)]
+        dist.all_gather(sizes, length)  # a tensor collective: this runs at every P-BFGS step
+        lengths = [int(n) for n in sizes]
         padded = torch.zeros(max(lengths), dtype=tensor.dtype, device=self.device)
         padded[: tensor.numel()] = tensor
         parts = [torch.empty_like(padded) for _ in lengths]

@@ -33,21 +33,24 @@ class RunLog:
                         or (r["phase"] == phase and 0 < r.get("epoch", 0) <= resume_after_epoch)]
         self.summary["phases"] = {k: v for k, v in self.summary["phases"].items() if k not in stale}
         if self.store.owner:  # a phase that stops now must not look finished
-            self._write()
+            self._write_metrics()
+            self._write_summary()
 
-    def _write(self) -> None:
+    def _write_metrics(self) -> None:
+        self.store.write_bytes(METRICS, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+
+    def _write_summary(self) -> None:
         phases = self.summary["phases"]
         last = next((phases[p] for p in reversed(PHASES) if "test_accuracy" in phases.get(p, {})), {})
         self.summary["test_accuracy"] = last.get("test_accuracy")
-        self.store.write_bytes(METRICS, "".join(json.dumps(r) + "\n" for r in self.records).encode())
         self.store.write_json(SUMMARY, self.summary)
 
     def log(self, phase: str, **values: Any) -> None:
         self.records.append({"phase": phase, **values})
         if self.store.owner:
-            self._write()
+            self._write_metrics()
 
     def finish(self, phase: str, result: dict[str, Any]) -> None:
         self.summary["phases"][phase] = result
         if self.store.owner:
-            self._write()
+            self._write_summary()
