@@ -13,7 +13,11 @@ from dldr.errors import DldrError
 # Flags shared by every command, each a Config field; only the flags given override the config.
 _HELP = {
     "model": "timm model name, or mlp (default for digits)",
-    "data": "data set: digits (bundled) or synthetic:CxHxW:K",
+    "data": "data set: digits (bundled), cifar10:DIR, cifar100:DIR, imagefolder:DIR, ffcv:TRAIN.beton,VAL.beton "
+            "or synthetic:CxHxW:K",
+    "image_size": "crop size of imagefolder and ffcv data",
+    "loader_workers": "image decoding processes (ffcv: threads) of imagefolder and ffcv data",
+    "precision": "fp32, or bf16 autocast (fp32 weights)",
     "run_dir": "run directory: a local path or an fsspec URL",
     "sample_epochs": "SGD epochs of phase 1",
     "snapshot_every": "snapshot every K SGD steps; 0 = at the start and after every epoch",
@@ -65,7 +69,27 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sample", parents=[common], help="phase 1: SGD, writing parameter snapshots")
     sub.add_parser("basis", parents=[common], help="phase 2: the d-dimensional basis of a run's snapshots")
     sub.add_parser("train", parents=[common], help="phase 3: train in the subspace of a run's basis")
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="tool", required=True, metavar="TOOL")
+    convert = data.add_parser("convert", help="write one split of a data set as an ffcv .beton file")
+    convert.add_argument("source", metavar="SRC", help="a --data spec, e.g. imagefolder:/data/imagenet")
+    convert.add_argument("out", metavar="OUT.beton", help="the file to write; its card OUT.beton.json goes beside it")
+    convert.add_argument("--split", choices=("train", "val"), default="train", help="the split to write (default: train)")
+    convert.add_argument("--max-resolution", type=int, default=256,
+                         help="longest side of ImageFolder images in the file (default: 256)")
+    convert.add_argument("--jpeg", action="store_true", help="store JPEG instead of raw pixels (smaller, slower to decode)")
+    convert.add_argument("--workers", type=int, default=2, help="writer processes (default: 2)")
     return parser
+
+
+def _convert(args: argparse.Namespace) -> dict[str, Any]:
+    from dldr import data
+    from dldr.data import beton
+
+    card = beton.convert(data.load(args.source, loader_workers=0), args.split, args.out, args.max_resolution,
+                         args.jpeg, args.workers)
+    print(f"wrote {args.out}: {card['samples']} images of the {args.split} split of {card['source']} "
+          f"({card['num_classes']} classes), card {beton.card_path(args.out).name}")
+    return card
 
 
 def _config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -82,6 +106,8 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
+    if args.command == "data":
+        return _convert(args)
     values = _config_values(args)
     progress = not args.quiet
     run_dir = values.get("run_dir")

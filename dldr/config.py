@@ -15,6 +15,7 @@ CHOICES = {
     "optimizer": ("pbfgs", "psgd"),
     "subspace": ("trajectory", "random"),
     "device": ("cpu", "cuda"),
+    "precision": ("fp32", "bf16"),
 }
 
 
@@ -33,6 +34,11 @@ class Config:
     max_failures: int = 0
     batch_size: int = 128
     label_noise: float = 0.0
+    # the crop of ImageFolder data (and .beton files of it), and the processes that decode it
+    image_size: int = 224
+    loader_workers: int = 2
+    # bf16 autocast of the forward and backward passes (fp32 master weights, snapshots and basis)
+    precision: str = "fp32"
     # phase 1: SGD with momentum and weight decay, snapshots at the start and every
     # ``snapshot_every`` iterations (0: after every epoch). The defaults suit the small digits
     # set (11 steps an epoch, so 56 snapshots); large data sets snapshot once an epoch or less.
@@ -60,7 +66,7 @@ class Config:
                                 f"got {getattr(self, name)!r}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise DldrError(f"--label-noise must be a fraction in [0, 1], got {self.label_noise}")
-        for name in ("workers", "max_failures", "gpus_per_worker"):
+        for name in ("workers", "max_failures", "gpus_per_worker", "loader_workers"):
             if getattr(self, name) < 0:
                 raise DldrError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.gpus_per_worker > 0 and self.device != "cuda":
@@ -68,7 +74,7 @@ class Config:
         if self.workers and self.batch_size % self.workers:
             raise DldrError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}, "
                             "so every worker gets the same share of each batch")
-        for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials"):
+        for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials", "image_size"):
             if getattr(self, name) < 1:
                 raise DldrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.snapshot_every < 0:

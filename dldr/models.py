@@ -4,14 +4,12 @@ from __future__ import annotations
 import math
 
 import timm
+import torch
 from timm.models import register_model
 from torch import nn
 
 from dldr import cifar_resnet  # noqa: F401  (registers cifar_resnet20, 32, 44, 56, 110 with timm)
 from dldr.errors import DldrError
-
-# Registered models whose first layer depends on the input size, so it is passed to them.
-_TAKES_IMG_SIZE = {"mlp"}
 
 
 class MLP(nn.Module):
@@ -41,10 +39,37 @@ def mlp(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1,
 
 
 def create(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """``name`` for the data set's classes, channels and image size (for models built for one size)."""
     if not timm.is_model(name):
         raise DldrError(f"unknown model {name!r}; use a timm model name (see timm.list_models()), "
                         "cifar_resnet20/32/44/56/110 or mlp")
     kwargs = {"num_classes": num_classes, "in_chans": input_shape[0]}
-    if name in _TAKES_IMG_SIZE:
-        kwargs["img_size"] = tuple(input_shape[1:])
-    return timm.create_model(name, pretrained=False, **kwargs)
+    try:
+        try:
+            return timm.create_model(name, pretrained=False, img_size=tuple(input_shape[1:]), **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):  # the model takes any size
+                raise
+            return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001  (timm models reject sizes in many ways)
+        raise _cannot_take(name, input_shape, e) from None
+
+
+def check_input(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
+    """One forward of a blank image, so a size the model cannot take fails before any run starts."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape))
+    except Exception as e:  # noqa: BLE001
+        raise _cannot_take(name, input_shape, e) from None
+    finally:
+        model.train(was_training)
+
+
+def _cannot_take(name: str, input_shape: tuple[int, ...], error: Exception) -> DldrError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    shape = "x".join(map(str, input_shape))
+    return DldrError(f"{name} cannot take {shape} images ({first_line}); pick a model for this size, "
+                     "or another --image-size for imagefolder and ffcv data")

@@ -36,10 +36,9 @@ from dldr.subspace import Subspace
 CONFIG = "config.yaml"
 MODEL = "model.safetensors"
 SUBSPACE_STATE = "subspace/state.pt"
-EVAL_BATCH = 1024
 # The keys whose change makes a stopped phase 3 start over instead of resuming.
-TRAIN_KEYS = ("model", "data", "seed", "batch_size", "label_noise", "start", "optimizer", "subspace_lr",
-              "momentum", "armijo_sigma", "armijo_beta", "max_trials")
+TRAIN_KEYS = ("model", "data", "image_size", "seed", "batch_size", "label_noise", "start", "optimizer",
+              "subspace_lr", "momentum", "armijo_sigma", "armijo_beta", "max_trials")
 
 
 class Session:
@@ -89,6 +88,22 @@ class Run:
     def barrier(self) -> None:
         self.comm.all_gather_object(None)
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch on the run's device; image batches channels-last on CUDA, where convolutions want it."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    @property
+    def channels_last(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+
+def _data(cfg: Config) -> datasets.DataSource:
+    return datasets.load(cfg.data, cfg.label_noise, cfg.seed, cfg.image_size, cfg.loader_workers)
+
 
 def _device(cfg: Config) -> torch.device:
     """The device of an in-process run. With Ray workers, each worker gets its own from Ray."""
@@ -103,8 +118,8 @@ def _device(cfg: Config) -> torch.device:
 def start_run(cfg: Config, progress: bool = True) -> Run:
     """Check the device, model and data, then create the run directory with its config.yaml."""
     _device(cfg)
-    data = datasets.load(cfg.data, cfg.label_noise, cfg.seed)
-    models.create(cfg.model, data.num_classes, data.input_shape)
+    data = _data(cfg)
+    models.check_input(models.create(cfg.model, data.num_classes, data.input_shape), cfg.model, data.input_shape)
     store = RunStore(cfg.run_dir)
     if store.exists(CONFIG):
         raise DldrError(f"{cfg.run_dir} already holds a run; pick a new --run-dir, or re-run one phase "
@@ -135,23 +150,26 @@ def save_config(run: Run) -> None:
         run.store.write_bytes(CONFIG, text)
 
 
-def _model(run: Run, data: datasets.Dataset) -> nn.Module:
+def _model(run: Run, data: datasets.DataSource) -> nn.Module:
     torch.manual_seed(run.cfg.seed)
-    return models.create(run.cfg.model, data.num_classes, data.input_shape).to(run.device)
+    model = models.create(run.cfg.model, data.num_classes, data.input_shape).to(run.device)
+    return model.to(memory_format=torch.channels_last) if run.channels_last else model
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy in eval mode."""
+def evaluate(run: Run, model: nn.Module, data: datasets.DataSource) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the test set in eval mode; each rank evaluates its share."""
     model.eval()
-    loss, correct = 0.0, 0
-    for start in range(0, len(y), EVAL_BATCH):
-        xb, yb = x[start:start + EVAL_BATCH].to(device), y[start:start + EVAL_BATCH].to(device)
-        out = model(xb)
-        loss += float(F.cross_entropy(out, yb, reduction="sum"))
-        correct += int((out.argmax(1) == yb).sum())
+    totals = torch.zeros(3, dtype=torch.float64)
+    for xb, yb in data.test_batches(run.cfg.batch_size, run.comm.rank, run.comm.world_size):
+        yb = yb.to(run.device)
+        with run.autocast():
+            out = model(run.inputs(xb))
+        totals += torch.tensor([float(F.cross_entropy(out.float(), yb, reduction="sum")),
+                                float((out.argmax(1) == yb).sum()), len(yb)], dtype=torch.float64)
     model.train()
-    return loss / len(y), correct / len(y)
+    loss, correct, count = run.comm.all_reduce_sum(totals).tolist()
+    return loss / count, correct / count
 
 
 def _finite(loss: torch.Tensor, phase: str, epoch: int, advice: str) -> float:
@@ -170,7 +188,7 @@ def sample(run: Run) -> dict[str, Any]:
     """
     cfg, store, comm = run.cfg, run.store, run.comm
     start = time.perf_counter()
-    data = datasets.load(cfg.data, cfg.label_noise, cfg.seed)
+    data = _data(cfg)
     model = _model(run, data)
     net = comm.data_parallel(model)
     flat = FlatParams(trainable(model))
@@ -184,7 +202,7 @@ def sample(run: Run) -> dict[str, Any]:
             for stale in ("snapshots/", "basis/", "subspace/", MODEL):
                 store.remove(stale)
             if cfg.label_noise > 0:
-                store.save_array("data/train_labels.npy", data.train_y.numpy())
+                store.save_array("data/train_labels.npy", data.train_labels.numpy())
     else:
         shared = resumed["shared"]
         model.load_state_dict(shared["model"])
@@ -196,17 +214,19 @@ def sample(run: Run) -> dict[str, Any]:
             store.remove_files(set(store.files("snapshots/")) - set(shared["snapshot_files"]))
     run.barrier()  # no rank writes a snapshot before rank 0 has removed the stale ones
 
-    with BackgroundWriter(store) as writer, run.bar("sample", cfg.sample_epochs * _steps(cfg, data)) as bar:
+    steps_per_epoch = data.steps(cfg.batch_size, comm.world_size)
+    with BackgroundWriter(store) as writer, run.bar("sample", cfg.sample_epochs * steps_per_epoch) as bar:
         def snapshot() -> None:
             writer.submit(snapshot_path(comm.rank, comm.world_size, step), flat.get(shard).cpu().numpy())
 
         if resumed is None:
             snapshot()
-        bar.update((first_epoch - 1) * _steps(cfg, data))
+        bar.update((first_epoch - 1) * steps_per_epoch)
         for epoch in range(first_epoch, cfg.sample_epochs + 1):
             losses = []
-            for xb, yb in datasets.batches(data, cfg.batch_size, cfg.seed, epoch, comm.rank, comm.world_size):
-                loss = F.cross_entropy(net(xb.to(run.device)), yb.to(run.device))
+            for xb, yb in data.train_batches(cfg.batch_size, cfg.seed, epoch, comm.rank, comm.world_size):
+                with run.autocast():
+                    loss = F.cross_entropy(net(run.inputs(xb)), yb.to(run.device))
                 losses.append(_finite(loss, "sampling", epoch, "lower --lr"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -253,10 +273,6 @@ def _set_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _steps(cfg: Config, data: datasets.Dataset) -> int:
-    return datasets.num_batches(len(data.train_y), cfg.batch_size)
-
-
 def _commit(run: Run) -> None:
     """Enter every rank's files of this epoch in the manifest (rank 0 owns it)."""
     journals = run.comm.all_gather_object(run.store.take_journal())
@@ -264,11 +280,11 @@ def _commit(run: Run) -> None:
         run.store.record({rel: entry for journal in journals for rel, entry in journal.items()})
 
 
-def _epoch_metrics(run: Run, model: nn.Module, data: datasets.Dataset, losses: list[float],
+def _epoch_metrics(run: Run, model: nn.Module, data: datasets.DataSource, losses: list[float],
                    **values: Any) -> dict[str, Any]:
-    """The epoch's training loss averaged over ranks, and the test metrics (rank 0 evaluates)."""
+    """The epoch's training loss averaged over ranks, and the test metrics."""
     mean = run.comm.all_reduce_sum(torch.tensor([float(np.mean(losses))], dtype=torch.float64))
-    test_loss, test_acc = evaluate(model, data.test_x, data.test_y, run.device) if run.main else (0.0, 0.0)
+    test_loss, test_acc = evaluate(run, model, data)
     return {**values, "train_loss": float(mean[0]) / run.comm.world_size, "test_loss": test_loss,
             "test_accuracy": test_acc}
 
@@ -350,7 +366,7 @@ def train(run: Run) -> dict[str, Any]:
     basis_files = store.files("basis/shard-")
     if not basis_files:
         raise DldrError(f"{cfg.run_dir} has no basis; run `dldr basis --run-dir {cfg.run_dir}` first")
-    data = datasets.load(cfg.data, cfg.label_noise, cfg.seed)
+    data = _data(cfg)
     model = _model(run, data)
     flat = FlatParams(trainable(model))
     stored = sum(store.manifest[rel]["shape"][0] for rel in basis_files)
@@ -376,17 +392,17 @@ def train(run: Run) -> dict[str, Any]:
     run.barrier()
     net = comm.data_parallel(model)
     model.train()
-    steps_per_epoch = _steps(cfg, data)
+    steps_per_epoch = data.steps(cfg.batch_size, comm.world_size)
     stats = _optimizer_stats(opt, max(first_epoch - 1, 1) * steps_per_epoch)
     with run.bar(f"train ({cfg.optimizer}, d={subspace.dim})", cfg.subspace_epochs * steps_per_epoch) as bar:
         bar.update((first_epoch - 1) * steps_per_epoch)
         for epoch in range(first_epoch, cfg.subspace_epochs + 1):
             losses = []
-            for step, (xb, yb) in enumerate(datasets.batches(data, cfg.batch_size, cfg.seed + 1, epoch,
-                                                             comm.rank, comm.world_size),
+            for step, (xb, yb) in enumerate(data.train_batches(cfg.batch_size, cfg.seed + 1, epoch,
+                                                               comm.rank, comm.world_size),
                                             start=(epoch - 1) * steps_per_epoch + 1):
-                losses.append(_finite(_step(opt, net, xb.to(run.device), yb.to(run.device)), "subspace",
-                                      epoch, "try --start mean, a smaller --dim or --optimizer pbfgs"))
+                losses.append(_finite(_step(run, opt, net, xb, yb), "subspace", epoch,
+                                      "try --start mean, a smaller --dim or --optimizer pbfgs"))
                 run.session.after_step(step)
                 bar.update()
             stats = _optimizer_stats(opt, epoch * steps_per_epoch)
@@ -413,10 +429,13 @@ def train(run: Run) -> dict[str, Any]:
     return result
 
 
-def _step(opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _step(run: Run, opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x, y = run.inputs(x), y.to(run.device)
+
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
-        loss = F.cross_entropy(model(x), y)
+        with run.autocast():
+            loss = F.cross_entropy(model(x), y)
         if torch.is_grad_enabled():
             loss.backward()
         return loss

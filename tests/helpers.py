@@ -33,7 +33,7 @@ def write_cifar(root, kind: str = "cifar10", per_file: int = 40, seed: int = 0) 
     """A CIFAR folder in the python-version layout with random images; returns the training images."""
     import pickle
 
-    from dldr.cifar import LAYOUTS
+    from dldr.data.cifar import LAYOUTS
 
     name, train_files, test_file, label_key, classes = LAYOUTS[kind]
     folder = root / name
@@ -47,3 +47,21 @@ def write_cifar(root, kind: str = "cifar10", per_file: int = 40, seed: int = 0) 
             pickle.dump({b"data": data, label_key: labels, b"batch_label": b"generated"}, f, protocol=2)
         images.append(data)
     return np.concatenate(images[:-1]).reshape(-1, 3, 32, 32)
+
+
+def write_imagefolder(root, classes: int = 3, per_class: tuple[int, int] = (16, 6), seed: int = 0) -> None:
+    """An ImageNet-layout folder: train/ and val/ with one folder per class of JPEG and PNG images
+    of different sizes, each class tinted its own colour so a model can learn them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "val"), per_class):
+        for k in range(classes):
+            folder = root / split / f"class_{k}"
+            folder.mkdir(parents=True)
+            tint = np.zeros(3)
+            tint[k % 3] = 120
+            for i in range(count):
+                h, w = rng.integers(24, 48, 2)
+                pixels = np.clip(rng.normal(60, 30, (h, w, 3)) + tint, 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")

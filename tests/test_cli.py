@@ -13,7 +13,7 @@ from dldr import data as datasets
 from dldr import models, phases
 from dldr.cli import main
 from dldr.params import FlatParams, trainable
-from dldr.phases import evaluate
+from dldr.phases import evaluate, open_run
 from dldr.store import RunStore
 
 SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2", "--quiet"]
@@ -67,7 +67,7 @@ def test_fit_writes_the_run_directory(small_run):
     digits = datasets.load("digits")
     model = models.create("mlp", 10, digits.input_shape)
     model.load_state_dict(load_file(store.abspath("model.safetensors")))
-    _, accuracy = evaluate(model, digits.test_x, digits.test_y, torch.device("cpu"))
+    _, accuracy = evaluate(open_run(small_run, {"workers": 0}), model, digits)
     assert accuracy == summary["test_accuracy"]
 
 
@@ -117,7 +117,7 @@ def test_label_noise_runs_all_phases_and_records_the_labels(tmp_path):
     assert main(["fit", "--run-dir", run_dir, "--label-noise", "0.4", *SMALL]) == 0
     store = RunStore(run_dir)
     noisy = store.load_array("data/train_labels.npy")
-    clean = datasets.load("digits").train_y.numpy()
+    clean = datasets.load("digits").train_labels.numpy()
     changed = np.mean(noisy != clean)
     assert 0.4 * 0.9 - 0.05 < changed < 0.4 * 0.9 + 0.05  # a tenth of the draws hit the true class
     assert "train" in store.read_json("summary.json")["phases"]

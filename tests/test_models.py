@@ -8,7 +8,7 @@ from dldr import models
 from dldr.cifar_resnet import BasicBlock
 from dldr.cli import main
 from dldr.params import num_params
-from dldr.phases import evaluate
+from dldr.phases import evaluate, open_run
 from dldr.store import RunStore
 
 
@@ -41,6 +41,6 @@ def test_cifar_resnet20_through_all_phases(tmp_path):
     data = datasets.load("synthetic:3x32x32:10")
     model = models.create("cifar_resnet20", 10, data.input_shape)
     model.load_state_dict(load_file(store.abspath("model.safetensors")))
-    _, accuracy = evaluate(model, data.test_x, data.test_y, torch.device("cpu"))
+    _, accuracy = evaluate(open_run(run_dir, {"workers": 0}), model, data)
     assert accuracy == summary["test_accuracy"]
     assert summary["phases"]["basis"]["dim"] == 4
