@@ -60,8 +60,8 @@ def write_imagefolder(root, classes: int = 3, per_class: tuple[int, int] = (16, 
             folder = root / split / f"class_{k}"
             folder.mkdir(parents=True)
             tint = np.zeros(3)
-            tint[k % 3] = 120
+            tint[k % 3] = 40
             for i in range(count):
                 h, w = rng.integers(24, 48, 2)
-                pixels = np.clip(rng.normal(60, 30, (h, w, 3)) + tint, 0, 255).astype(np.uint8)
+                pixels = np.clip(rng.normal(100, 50, (h, w, 3)) + tint, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")

@@ -112,7 +112,7 @@ def _read_fields(path: Path) -> np.ndarray:
     columns = {name: reader.metadata[f"f{i}"] for i, name in enumerate(reader.handlers)}
     if not np.array_equal(columns["index"], np.arange(reader.num_samples)):
         raise DldrError(f"{path} is not a .beton written by `dldr data convert` (its index field is out of order)")
-    return np.asarray(columns["label"], dtype=np.int64)
+    return np.array(columns["label"], dtype=np.int64)  # a copy: the reader maps the file read-only
 
 
 def _card(path: str, split: str) -> dict[str, Any]:
