@@ -21,7 +21,7 @@ from dldr.cli import main
 from dldr.config import Config
 from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
-from tests.helpers import largest_principal_angle, write_cifar
+from tests.helpers import largest_principal_angle, write_cifar, write_imagefolder
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 NUM_PARAMS = 85_002
@@ -208,3 +208,38 @@ def test_cifar_resnet_on_cifar_through_all_phases_on_two_workers(tmp_path):
     assert [len(rels) for rels in store.snapshot_shards()] == [13, 13]
     summary = store.read_json("summary.json")["phases"]
     assert summary["train"]["workers"] == 2 and summary["basis"]["dim"] == 4
+
+
+IMAGEFOLDER_RUN = ["--image-size", "16", "--batch-size", "8", "--sample-epochs", "2", "--snapshot-every", "1",
+                   "--dim", "4", "--subspace-epochs", "1", "--loader-workers", "1", "--quiet"]
+
+
+def test_imagefolder_on_two_workers_follows_the_in_process_trajectory(tmp_path):
+    """Crops are seeded per image and the sampler deals one global batch, so 2 ranks decode and
+    train on exactly the pixels one process does."""
+    write_imagefolder(tmp_path / "data")
+    stores = {}
+    for workers in (0, 2):
+        run_dir = str(tmp_path / f"w{workers}")
+        assert main(["fit", "--run-dir", run_dir, "--workers", str(workers), "--data",
+                     f"imagefolder:{tmp_path / 'data'}", *IMAGEFOLDER_RUN]) == 0
+        stores[workers] = RunStore(run_dir)
+    assert [len(rels) for rels in stores[2].snapshot_shards()] == [13, 13]
+    for step in (1, 6, 12):
+        assert _relative(_snapshot(stores[2], step), _snapshot(stores[0], step)) < 1e-4, step
+
+
+def test_ffcv_on_two_workers_deals_each_rank_half_an_epoch(tmp_path):
+    """ffcv's distributed=True loader: 48 images in global batches of 8 are 6 steps on each rank."""
+    pytest.importorskip("ffcv")
+    write_imagefolder(tmp_path / "data")
+    for split in ("train", "val"):
+        assert main(["data", "convert", f"imagefolder:{tmp_path / 'data'}", str(tmp_path / f"{split}.beton"),
+                     "--split", split]) == 0
+    run_dir = str(tmp_path / "run")
+    assert main(["fit", "--run-dir", run_dir, "--workers", "2", "--data",
+                 f"ffcv:{tmp_path / 'train.beton'},{tmp_path / 'val.beton'}", *IMAGEFOLDER_RUN]) == 0
+    store = RunStore(run_dir)
+    assert [len(rels) for rels in store.snapshot_shards()] == [13, 13]
+    summary = store.read_json("summary.json")
+    assert summary["phases"]["train"]["workers"] == 2 and summary["test_accuracy"] >= 0.8

@@ -93,7 +93,7 @@ def epoch_batches(n: int, per_rank: int, seed: int, epoch: int, rank: int, world
 
 def image_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of one image's augmentation: the same for any number of ranks or loader workers."""
-    return (seed * 1_000_003 + epoch) * 10_000_019 + index
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63  # any seed fits torch.manual_seed
 
 
 def noisy_labels(labels: torch.Tensor, fraction: float, num_classes: int, seed: int) -> torch.Tensor:
