@@ -1,5 +1,4 @@
 """ImageFolder data: the ImageNet layout, seeded per-image augmentation, all phases, clear errors."""
-import numpy as np
 import pytest
 import torch
 from PIL import Image
