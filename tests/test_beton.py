@@ -133,4 +133,4 @@ def test_ffcv_not_installed_is_one_line(monkeypatch, converted):
     with pytest.raises(DldrError, match=r"the ffcv loader is not installed .*pip install -e \"\.\[ffcv\]\""):
         datasets.load(converted["cifar"])
     with pytest.raises(DldrError, match="the ffcv loader is not installed"):
-        beton.convert(datasets.load("digits"), "train", str(converted["root"] / "digits.beton"))
+        beton.convert(datasets.load("synthetic"), "train", str(converted["root"] / "synthetic.beton"))
