@@ -115,7 +115,8 @@ def _read_fields(path: Path) -> np.ndarray:
     return np.array(columns["label"], dtype=np.int64)  # a copy: the reader maps the file read-only
 
 
-def _card(path: str, split: str) -> dict[str, Any]:
+def _card(path: str, split: str) -> tuple[dict[str, Any], np.ndarray]:
+    """The card of the .beton at ``path`` and the file's labels, checked against each other."""
     beton, card_file = Path(path), card_path(path)
     if not beton.is_file():
         raise DldrError(f"no .beton file at {path}; write one with `dldr data convert SRC {path} --split {split}`")
@@ -130,10 +131,11 @@ def _card(path: str, split: str) -> dict[str, Any]:
     if card["split"] != split:
         raise DldrError(f"{path} holds the {card['split']} split where the {split} split belongs; "
                         "give ffcv:TRAIN.beton,VAL.beton")
-    if labels_sha256(_read_fields(beton)) != card["labels_sha256"]:
+    labels = _read_fields(beton)
+    if labels_sha256(labels) != card["labels_sha256"]:
         raise DldrError(f"{path} does not hold the labels its card {card_file.name} records (a .beton of "
                         "another data set?); convert the data set again with `dldr data convert`")
-    return card
+    return card, labels
 
 
 class BetonSource(DataSource):
@@ -143,7 +145,7 @@ class BetonSource(DataSource):
             raise DldrError(f"ffcv data is ffcv:TRAIN.beton,VAL.beton, got ffcv:{args}")
         _require_ffcv()
         self.paths = paths
-        train, val = _card(paths[0], "train"), _card(paths[1], "val")
+        (train, train_labels), (val, test_labels) = _card(paths[0], "train"), _card(paths[1], "val")
         identity = ("source", "num_classes", "classes")
         if any(train.get(k) != val.get(k) for k in identity):
             raise DldrError(f"{paths[0]} ({train['source']}) and {paths[1]} ({val['source']}) come from different "
@@ -153,8 +155,8 @@ class BetonSource(DataSource):
         self.augmentation = train["augmentation"]
         self.stats = Stats(tuple(train["mean"]), tuple(train["std"]))
         self.input_shape = (3, *(train["image_size"] or (image_size, image_size)))
-        self.train_labels = torch.from_numpy(_read_fields(Path(paths[0])))
-        self.test_labels = torch.from_numpy(_read_fields(Path(paths[1])))
+        self.train_labels = torch.from_numpy(train_labels)
+        self.test_labels = torch.from_numpy(test_labels)
         self.loader_workers = max(loader_workers, 1)
         self._loaders: dict[tuple, Any] = {}
 

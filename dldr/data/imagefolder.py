@@ -45,12 +45,7 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = key
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as f:
-                image = f.convert("RGB")
-        except OSError as e:
-            raise DldrError(f"cannot read image {path} ({e}); remove or replace it") from None
+        image = _rgb(self.samples[index][0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image), index
@@ -134,5 +129,12 @@ class _Decoded:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         path, label = self.samples[i]
+        return np.asarray(_rgb(path)), label
+
+
+def _rgb(path: str) -> Image.Image:
+    try:
         with Image.open(path) as f:
-            return np.asarray(f.convert("RGB")), label
+            return f.convert("RGB")
+    except OSError as e:
+        raise DldrError(f"cannot read image {path} ({e}); remove or replace it") from None
