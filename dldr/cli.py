@@ -4,11 +4,17 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dldr import phases
-from dldr.config import CHOICES, Config
+from dldr.config import CHOICES, Config, read_spec
 from dldr.errors import DldrError
+from dldr.store import RunStore
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobDetails
+
+    from dldr import jobs
 
 # Flags shared by every command, each a Config field; only the flags given override the config.
 _HELP = {
@@ -35,6 +41,7 @@ _HELP = {
     "seed": "random seed",
     "device": "torch device (with --workers: cuda gives every worker --gpus-per-worker GPUs, default 1)",
     "workers": "Ray Train workers; 0 runs every phase in this process without Ray",
+    "cpus_per_worker": "CPUs each Ray Train worker reserves (torch uses as many threads)",
     "gpus_per_worker": "GPUs per Ray Train worker (needs --device cuda)",
     "address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)",
     "max_failures": "worker-group failures a phase survives by restarting from its last checkpoint",
@@ -54,14 +61,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"dldr: error: {message}; see `{self.prog} --help`\n")
 
 
+def _config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    for f in fields(Config):
+        if f.name not in skip:
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
+                                choices=CHOICES.get(f.name), default=argparse.SUPPRESS,
+                                help=f"{_HELP[f.name]} (default: {_DEFAULTS.get(f.name, f.default)})")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--config", metavar="FILE.yaml", help="YAML file of configuration keys")
+    common.add_argument("--config", metavar="FILE.yaml", help="YAML file of configuration keys (a job spec works too)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        common.add_argument(flag, dest=f.name, type=type(f.default), choices=CHOICES.get(f.name),
-                            default=argparse.SUPPRESS, help=f"{_HELP[f.name]} (default: {_DEFAULTS.get(f.name, f.default)})")
+    _config_flags(common)
     parser = _Parser(prog="dldr", description="Train neural networks in a tiny subspace "
                                      "of their parameters (DLDR + P-BFGS).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -69,6 +81,23 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("sample", parents=[common], help="phase 1: SGD, writing parameter snapshots")
     sub.add_parser("basis", parents=[common], help="phase 2: the d-dimensional basis of a run's snapshots")
     sub.add_parser("train", parents=[common], help="phase 3: train in the subspace of a run's basis")
+
+    dashboard = _Parser(add_help=False)
+    dashboard.add_argument("--address", dest="dashboard", default="", metavar="http://HOST:8265",
+                           help="the Ray cluster's dashboard (default: RAY_ADDRESS, else the one cluster/local-head.sh "
+                                "starts, http://127.0.0.1:8265)")
+    submit = sub.add_parser("submit", parents=[dashboard], help="run a job spec on a Ray cluster (Ray Jobs)")
+    submit.add_argument("spec", metavar="SPEC.yaml", help="a job spec: configuration keys plus resources (see jobs/)")
+    submit.add_argument("--wait", action="store_true", help="print the job's logs until it ends; exit 1 unless it succeeded")
+    submit.add_argument("--quiet", action="store_true", help="with --wait: no logs, only the result")
+    _config_flags(submit, skip=("address",))
+    for name, text in (("status", "a job's state and, once it succeeded, its results"),
+                       ("logs", "a job's logs"), ("stop", "stop a job (its run directory stays)")):
+        command = sub.add_parser(name, parents=[dashboard], help=text)
+        command.add_argument("job", metavar="JOB", help="the job id `dldr submit` printed (`dldr jobs` lists them)")
+    sub.choices["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    sub.add_parser("jobs", parents=[dashboard], help="the jobs on a Ray cluster")
+
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="tool", required=True, metavar="TOOL")
     convert = data.add_parser("convert", help="write one split of a data set as an ffcv .beton file")
     convert.add_argument("source", metavar="SRC", help="a --data spec, e.g. imagefolder:/data/imagenet")
@@ -97,7 +126,7 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         try:
             with open(args.config) as f:
-                values.update(Config.read_yaml(f.read(), source=args.config))
+                values.update(read_spec(f.read(), source=args.config)[0])
         except OSError as e:
             raise DldrError(f"cannot read --config {args.config}: {e.strerror}") from None
     values.update({f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
@@ -108,6 +137,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     if args.command == "data":
         return _convert(args)
+    if args.command in JOB_COMMANDS:
+        return _job_command(args)
     values = _config_values(args)
     progress = not args.quiet
     run_dir = values.get("run_dir")
@@ -131,13 +162,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         for name in names:
             phases.PHASE_FUNCTIONS[name](run)
     phases.save_config(run)
-    _print_summary(run)
+    _print_summary(run.store.url, run.log.summary)
     return run.log.summary
 
 
-def _print_summary(run: phases.Run) -> None:
-    p = run.log.summary["phases"]
-    lines = [f"run directory   {run.store.url}"]
+def _print_summary(run_dir: str, summary: dict[str, Any]) -> None:
+    p = summary["phases"]
+    lines = [f"run directory   {run_dir}"]
     if "sample" in p:
         s = p["sample"]
         lines.append(f"sample          {s['epochs']} epochs of SGD, {s['snapshots']} snapshots, "
@@ -151,6 +182,71 @@ def _print_summary(run: phases.Run) -> None:
         lines.append(f"train           {t['epochs']} epochs of {t['optimizer']}, test accuracy {t['test_accuracy']:.4f}, "
                      f"{t['line_search_failures']} line-search failures, {t['seconds']:.1f} s")
     print("\n".join(lines))
+
+
+# ---- Ray Jobs -----------------------------------------------------------------------------------
+
+JOB_COMMANDS = ("submit", "status", "logs", "stop", "jobs")
+
+
+def _job_command(args: argparse.Namespace) -> dict[str, Any]:
+    from dldr import jobs  # Ray's job client; the commands above run without it
+
+    if args.command == "submit":
+        overrides = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
+        job = jobs.submit(args.spec, overrides, args.dashboard)
+        print(f"submitted {job.job_id} to {job.address}\nrun directory   {job.run_dir}")
+        if not args.wait:
+            print(f"follow it with `dldr logs {job.job_id} --follow`; `dldr status {job.job_id}` shows its result")
+            return {"job_id": job.job_id}
+        cluster = jobs.Cluster.connect(args.dashboard)
+        details = jobs.wait(cluster, job.job_id) if args.quiet else jobs.follow(cluster, job.job_id)
+        return _report(cluster, details, check=True)
+    cluster = jobs.Cluster.connect(args.dashboard)
+    if args.command == "jobs":
+        rows = [(j.submission_id, j.status.value, jobs.when(j.start_time), jobs.run_dir(j) or "-")
+                for j in jobs.list_jobs(cluster)]
+        table = [("JOB", "STATUS", "STARTED", "RUN DIRECTORY"), *rows]
+        widths = [max(len(row[i]) for row in table) for i in range(4)]
+        for row in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        return {"jobs": [row[0] for row in rows]}
+    if args.command == "logs":
+        if args.follow:
+            jobs.follow(cluster, args.job)
+        else:
+            print(jobs.logs(cluster, args.job), end="")
+        return {"job_id": args.job}
+    if args.command == "stop":
+        stopping = jobs.stop(cluster, args.job)
+        print(f"stopping {args.job}" if stopping else f"{args.job} had already ended")
+        return {"job_id": args.job, "stopping": stopping}
+    return _report(cluster, jobs.info(cluster, args.job), check=False)
+
+
+def _report(cluster: jobs.Cluster, details: JobDetails, check: bool) -> dict[str, Any]:
+    """A job's state, and its results once it succeeded; ``check``: a job that did not succeed is an error."""
+    from dldr import jobs
+
+    run_dir = jobs.run_dir(details)
+    status = details.status.value
+    print(f"job             {details.submission_id}: {status} ({jobs.when(details.start_time)} - {jobs.when(details.end_time)})")
+    if status == "SUCCEEDED" and run_dir:
+        try:
+            summary = RunStore(run_dir).read_json("summary.json")
+        except (DldrError, OSError):
+            print(f"run directory   {run_dir} (its summary.json cannot be read from here)")
+        else:
+            _print_summary(run_dir, summary)
+            return {"job_id": details.submission_id, "status": status, "run_dir": run_dir, "summary": summary}
+    elif details.status.is_terminal() and status != "SUCCEEDED":
+        reason = jobs.failure(details, jobs.logs(cluster, details.submission_id))
+        if check:
+            raise DldrError(reason)
+        print(reason)
+    else:
+        print(f"run directory   {run_dir or '-'}")
+    return {"job_id": details.submission_id, "status": status, "run_dir": run_dir}
 
 
 def main(argv: list[str] | None = None) -> int:

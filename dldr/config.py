@@ -29,6 +29,7 @@ class Config:
     # where the phases run: N Ray Train workers (0: in this process, without Ray), on the
     # cluster at ``address`` (empty: RAY_ADDRESS, or else a local instance dldr starts)
     workers: int = 1
+    cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     address: str = ""
     max_failures: int = 0
@@ -77,6 +78,8 @@ class Config:
         for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials", "image_size"):
             if getattr(self, name) < 1:
                 raise DldrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.cpus_per_worker <= 0:
+            raise DldrError(f"--cpus-per-worker must be above 0, got {self.cpus_per_worker}")
         if self.snapshot_every < 0:
             raise DldrError(f"--snapshot-every must be 0 (each epoch) or a number of steps, got {self.snapshot_every}")
         if not self.run_dir:
@@ -85,29 +88,71 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
         """``base`` (or the defaults) with ``values`` on top; unknown keys and bad types are errors."""
-        known = {f.name: f for f in fields(cls)}
         merged = dataclasses.asdict(base) if base else {}
-        for key, value in values.items():
-            if key not in known:
-                raise DldrError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
-            kind = type(known[key].default)
-            try:
-                merged[key] = kind(value)
-            except (TypeError, ValueError):
-                raise DldrError(f"{source}: {key} must be a {kind.__name__}, got {value!r}") from None
-        return cls(**merged)
+        return cls(**{**merged, **_typed(cls, values, source)})
 
     @classmethod
     def read_yaml(cls, text: str, source: str) -> dict[str, Any]:
-        """The keys a YAML file sets, checked against the known keys and types."""
-        try:
-            values = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise DldrError(f"{source} is not valid YAML: {e}") from None
-        if not isinstance(values, dict):
-            raise DldrError(f"{source} must be a mapping of keys to values")
+        """The keys a run's config.yaml sets, checked against the known keys and types."""
+        values = _mapping(text, source)
         cls.from_dict(values, source=source)
         return values
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+@dataclass
+class Resources:
+    """A job spec's ``resources``: what the job's driver reserves on the cluster.
+
+    The driver is the entrypoint process (``dldr fit``): it runs phase 2's eigen-decomposition
+    and records the run. The workers' share is the config's ``workers`` x ``cpus_per_worker``
+    and ``gpus_per_worker``; ``dldr fit --config`` reads a spec and ignores this section.
+    """
+    entrypoint_cpus: float = 0.0
+    entrypoint_gpus: float = 0.0
+    entrypoint_memory_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) < 0:
+                raise DldrError(f"resources: {f.name} must be 0 or more, got {getattr(self, f.name)}")
+
+
+RESOURCES = "resources"
+
+
+def read_spec(text: str, source: str) -> tuple[dict[str, Any], Resources]:
+    """A job spec (or a ``--config`` file): configuration keys, plus an optional ``resources`` mapping."""
+    values = _mapping(text, source)
+    resources = values.pop(RESOURCES, None) or {}
+    if not isinstance(resources, dict):
+        raise DldrError(f"{source}: resources must be a mapping of keys to values")
+    Config.from_dict(values, source=source)
+    return values, Resources(**_typed(Resources, resources, f"{source}: resources"))
+
+
+def _mapping(text: str, source: str) -> dict[str, Any]:
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise DldrError(f"{source} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise DldrError(f"{source} must be a mapping of keys to values")
+    return values
+
+
+def _typed(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """``values`` converted to the types of ``cls``'s fields; an unknown key is an error that names it."""
+    known = {f.name: f for f in fields(cls)}
+    typed = {}
+    for key, value in values.items():
+        if key not in known:
+            raise DldrError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
+        kind = type(known[key].default)
+        try:
+            typed[key] = kind(value)
+        except (TypeError, ValueError):
+            raise DldrError(f"{source}: {key} must be a {kind.__name__}, got {value!r}") from None
+    return typed

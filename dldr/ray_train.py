@@ -71,6 +71,9 @@ def _check_reachable(address: str) -> None:
     if address.startswith("ray://"):
         raise DldrError(f"--address {address} is a Ray Client address; give the cluster's GCS address "
                         "host:port (6379 by default) instead")
+    if address.startswith(("http://", "https://")):
+        raise DldrError(f"--address {address} (or RAY_ADDRESS) is a dashboard address, which `dldr submit` takes; "
+                        "`dldr fit` takes the cluster's GCS address host:port (6379 by default)")
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
@@ -120,10 +123,11 @@ def cluster(address: str) -> Iterator[None]:
 def check_placement(cfg: Config) -> None:
     """Refuse what Ray would wait for forever: more workers than the cluster's CPUs or GPUs."""
     total = ray.cluster_resources()
-    cpus = int(total.get("CPU", 0))
-    if cpus < cfg.workers:
-        raise DldrError(f"--workers {cfg.workers} needs {cfg.workers} CPUs (one per worker) but the Ray cluster "
-                        f"has {cpus}; lower --workers or add nodes")
+    cpus = total.get("CPU", 0)
+    if cpus < cfg.workers * cfg.cpus_per_worker:
+        raise DldrError(f"--workers {cfg.workers} with {cfg.cpus_per_worker:g} CPUs each needs "
+                        f"{cfg.workers * cfg.cpus_per_worker:g} CPUs but the Ray cluster has {cpus:g}; "
+                        "lower --workers or --cpus-per-worker, or add nodes")
     if cfg.device == "cuda":
         per_worker = _gpus_per_worker(cfg)
         gpus = total.get("GPU", 0)
@@ -249,8 +253,8 @@ def _worker_error(error: Exception, phase: str) -> DldrError:
 def _train_phase(run: phases.Run, phase: str, failure: FailureInjection | None) -> None:
     cfg = run.cfg
     use_gpu = cfg.device == "cuda"
-    scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
-                                      resources_per_worker={"CPU": 1, "GPU": _gpus_per_worker(cfg)} if use_gpu else None)
+    per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": _gpus_per_worker(cfg)} if use_gpu else {})}
+    scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker)
     run_config = ray.train.RunConfig(
         name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=f"{run.store.location}/{CHECKPOINTS}",
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),

@@ -158,9 +158,12 @@ def _error_line(capsys) -> str:
 
 def test_more_workers_than_cpus_is_one_line(tmp_path, capsys):
     run_dir = tmp_path / "too-many"
+    cpus = ray.cluster_resources()["CPU"]
     assert main(["fit", "--run-dir", str(run_dir), "--workers", "128", "--quiet"]) == 1
-    cpus = int(ray.cluster_resources()["CPU"])
-    assert f"--workers 128 needs 128 CPUs (one per worker) but the Ray cluster has {cpus}" in _error_line(capsys)
+    assert f"--workers 128 with 1 CPUs each needs 128 CPUs but the Ray cluster has {cpus:g}" in _error_line(capsys)
+    # two workers fit the two CPUs one CPU at a time, not two at a time
+    assert main(["fit", "--run-dir", str(run_dir), "--workers", "2", "--cpus-per-worker", str(cpus), "--quiet"]) == 1
+    assert f"needs {2 * cpus:g} CPUs but the Ray cluster has {cpus:g}" in _error_line(capsys)
     assert not run_dir.exists()
 
 
@@ -170,12 +173,16 @@ def test_a_run_directory_the_workers_cannot_see_is_one_line(capsys):
     assert "do not see the run directory memory://dldr-invisible" in _error_line(capsys)
 
 
-def test_an_unreachable_address_is_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "dldr.cli", "fit", "--address", "127.0.0.1:9", "--run-dir",
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:9", "cannot reach a Ray cluster at 127.0.0.1:9"),
+    ("http://127.0.0.1:8265", "--address http://127.0.0.1:8265 (or RAY_ADDRESS) is a dashboard address"),
+])
+def test_an_unreachable_or_dashboard_address_is_one_line(tmp_path, address, message):
+    out = subprocess.run([sys.executable, "-m", "dldr.cli", "fit", "--address", address, "--run-dir",
                           str(tmp_path / "r"), "--quiet"], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 1
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dldr: error: cannot reach a Ray cluster at 127.0.0.1:9")
+    assert len(lines) == 1 and lines[0].startswith(f"dldr: error: {message}")
     assert not (tmp_path / "r").exists()
 
 
