@@ -24,14 +24,12 @@ gone_within() {
 if kill -0 "$pid" 2>/dev/null && tr '\0' ' ' < "/proc/$pid/cmdline" | grep -q -- "$state"; then
   kill -TERM "$pid"  # `ray start --block` stops the processes it started, then exits
 fi
-# Its graceful shutdown can wait on a draining raylet for half a minute; the head's own
-# processes get SIGTERM directly after 10 s, and SIGKILL after 10 more.
+# Its raylet drains for up to 30 s when an actor outlived the jobs (Ray Train leaves one); its
+# workers are gone by then, so after 10 s the head's remaining processes are killed.
 if ! gone_within 10; then
-  kill -TERM $(ours) 2>/dev/null || true
-  if ! gone_within 10; then
-    echo "local-head-stop.sh: killing processes that outlived the head: $(echo $(ours))" >&2
-    kill -KILL $(ours) 2>/dev/null || true
-  fi
+  echo "killing what is left of the head after 10 s of Ray's graceful shutdown: $(echo $(ours))"
+  kill -KILL $(ours) 2>/dev/null || true
+  gone_within 10 || { echo "local-head-stop.sh: processes $(echo $(ours)) of $state survived SIGKILL" >&2; exit 1; }
 fi
 rm -rf "$state"
 echo "stopped the Ray head of $state (process $pid)"

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from dldr import phases
 from dldr.config import CHOICES, Config, read_spec
 from dldr.errors import DldrError
 from dldr.store import RunStore
@@ -14,7 +15,7 @@ from dldr.store import RunStore
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails
 
-    from dldr import jobs
+    from dldr import jobs, phases
 
 # Flags shared by every command, each a Config field; only the flags given override the config.
 _HELP = {
@@ -139,6 +140,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         return _convert(args)
     if args.command in JOB_COMMANDS:
         return _job_command(args)
+    from dldr import phases  # torch and the data sets: not needed to speak to a job server
+
     values = _config_values(args)
     progress = not args.quiet
     run_dir = values.get("run_dir")
@@ -195,13 +198,13 @@ def _job_command(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "submit":
         overrides = {f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)}
         job = jobs.submit(args.spec, overrides, args.dashboard)
-        print(f"submitted {job.job_id} to {job.address}\nrun directory   {job.run_dir}")
+        print(f"submitted {job.job_id} to {job.cluster.address}\nrun directory   {job.run_dir}")
         if not args.wait:
             print(f"follow it with `dldr logs {job.job_id} --follow`; `dldr status {job.job_id}` shows its result")
             return {"job_id": job.job_id}
-        cluster = jobs.Cluster.connect(args.dashboard)
-        details = jobs.wait(cluster, job.job_id) if args.quiet else jobs.follow(cluster, job.job_id)
-        return _report(cluster, details, check=True)
+        with _still_running(job.job_id):
+            details = jobs.wait(job.cluster, job.job_id) if args.quiet else jobs.follow(job.cluster, job.job_id)
+        return _report(job.cluster, details, check=True)
     cluster = jobs.Cluster.connect(args.dashboard)
     if args.command == "jobs":
         rows = [(j.submission_id, j.status.value, jobs.when(j.start_time), jobs.run_dir(j) or "-")
@@ -213,7 +216,8 @@ def _job_command(args: argparse.Namespace) -> dict[str, Any]:
         return {"jobs": [row[0] for row in rows]}
     if args.command == "logs":
         if args.follow:
-            jobs.follow(cluster, args.job)
+            with _still_running(args.job):
+                jobs.follow(cluster, args.job)
         else:
             print(jobs.logs(cluster, args.job), end="")
         return {"job_id": args.job}
@@ -222,6 +226,16 @@ def _job_command(args: argparse.Namespace) -> dict[str, Any]:
         print(f"stopping {args.job}" if stopping else f"{args.job} had already ended")
         return {"job_id": args.job, "stopping": stopping}
     return _report(cluster, jobs.info(cluster, args.job), check=False)
+
+
+@contextlib.contextmanager
+def _still_running(job_id: str) -> Iterator[None]:
+    """Ctrl-C while following a job stops the following, not the job: say so."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"stopped following {job_id}; it keeps running on the cluster "
+                                f"(`dldr stop {job_id}` ends it)") from None
 
 
 def _report(cluster: jobs.Cluster, details: JobDetails, check: bool) -> dict[str, Any]:
@@ -255,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except DldrError as e:
         print(f"dldr: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("dldr: interrupted; the run directory keeps every file completed so far", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"dldr: {e.args[0] if e.args else 'interrupted; the run directory keeps every file completed so far'}",
+              file=sys.stderr)
         return 130
     return 0
 

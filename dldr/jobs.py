@@ -37,7 +37,6 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # what cluster/local-head.sh starts
 JOB_CONFIG = "dldr-job.yaml"
 ENTRYPOINT = f"python -m dldr fit --config {JOB_CONFIG}"
 RUN_DIR_KEY = "dldr_run_dir"  # the job's metadata: where its run directory is
-SPEC_KEY = "dldr_spec"
 TOKEN_PLACES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 
 for _name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
@@ -120,7 +119,7 @@ def _errors(address: str, token_source: str, sent_token: bool, job_id: str | Non
 class Submission:
     job_id: str
     run_dir: str
-    address: str
+    cluster: Cluster
 
 
 def submit(spec: str, overrides: dict[str, Any], address: str = "") -> Submission:
@@ -156,9 +155,9 @@ def submit(spec: str, overrides: dict[str, Any], address: str = "") -> Submissio
         with cluster.calls():
             cluster.client.submit_job(entrypoint=ENTRYPOINT, submission_id=job_id,
                                       runtime_env={"working_dir": staging},
-                                      metadata={RUN_DIR_KEY: run_dir, SPEC_KEY: spec},
+                                      metadata={RUN_DIR_KEY: run_dir},
                                       **{k: v for k, v in reserve.items() if v})
-    return Submission(job_id, run_dir, cluster.address)
+    return Submission(job_id, run_dir, cluster)
 
 
 # ---- watch --------------------------------------------------------------------------------------

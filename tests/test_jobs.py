@@ -126,32 +126,33 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
                           timeout=120, check=False, cwd=ROOT)
 
 
-@pytest.mark.parametrize("case", ["unreachable", "missing token", "wrong token", "unknown job", "unknown key",
-                                  "unknown resource"])
+SPECS = {"unknown key": "model: mlp\nsample_epoch: 3\n", "unknown resource": "model: mlp\nresources:\n  gpus: 8\n",
+         "address in spec": "model: mlp\naddress: 10.0.0.1:6379\n"}
+
+
+@pytest.mark.parametrize("case", ["unreachable", "missing token", "wrong token", "unknown job", *SPECS])
 def test_bad_input_is_one_line(head, tmp_path, case):
     env = {**head.env, "HOME": str(tmp_path)}  # no ~/.ray/auth_token to fall back on
     address = head.address
-    spec = DIGITS
-    args = ["jobs"]
-    expected = ""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPECS.get(case, ""))
+    args = ["submit", str(spec), "--run-dir", str(tmp_path / "never")]
+    expected = {"unknown key": f"{spec}: unknown key 'sample_epoch'",
+                "unknown resource": f"{spec}: resources: unknown key 'gpus'",
+                "address in spec": f"{spec}: a submitted job runs on the cluster it is submitted to; remove `address`",
+                "missing token": "needs a token and none was found in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
+                "wrong token": "refused the token from RAY_AUTH_TOKEN",
+                "unknown job": "there is no job dldr-nothing-here on the Ray cluster"}.get(case, "")
     if case == "unreachable":
         address = f"http://127.0.0.1:{_free_ports(1)[0]}"
         expected = f"cannot reach a Ray dashboard at {address}"
     elif case == "missing token":
         del env["RAY_AUTH_TOKEN_PATH"]
-        expected = "needs a token and none was found in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+        args = ["jobs"]
     elif case == "wrong token":
         env["RAY_AUTH_TOKEN"] = "not-the-token"
-        expected = "refused the token from RAY_AUTH_TOKEN"
     elif case == "unknown job":
         args = ["status", "dldr-nothing-here"]
-        expected = "there is no job dldr-nothing-here on the Ray cluster"
-    else:
-        spec = tmp_path / "spec.yaml"
-        spec.write_text("model: mlp\nsample_epoch: 3\n" if case == "unknown key" else "model: mlp\nresources:\n  gpus: 8\n")
-        args = ["submit", str(spec), "--run-dir", str(tmp_path / "never")]
-        expected = (f"{spec}: unknown key 'sample_epoch'" if case == "unknown key"
-                    else f"{spec}: resources: unknown key 'gpus'")
     out = _cli([*args, "--address", address], env)
     assert out.returncode == 1, out
     lines = out.stderr.strip().splitlines()
