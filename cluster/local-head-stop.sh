@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stops the Ray head that cluster/local-head.sh started in DIR, by process id, and removes DIR.
-# It ends only that head's processes (never `ray stop`, which ends every Ray on the machine).
+# It ends only that head's processes, not every Ray instance on the machine as Ray's own stop
+# command would.
 #
 #   cluster/local-head-stop.sh DIR
 set -euo pipefail

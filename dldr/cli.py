@@ -1,4 +1,4 @@
-"""``dldr``: run DLDR end to end (``fit``) or one phase on an existing run directory."""
+"""``dldr``: run DLDR end to end (``fit``) or one phase on a run directory; submit and follow Ray Jobs."""
 from __future__ import annotations
 
 import argparse
