@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "starts, http://127.0.0.1:8265)")
     submit = sub.add_parser("submit", parents=[dashboard], help="run a job spec on a Ray cluster (Ray Jobs)")
     submit.add_argument("spec", metavar="SPEC.yaml", help="a job spec: configuration keys plus resources (see jobs/)")
-    submit.add_argument("--wait", action="store_true", help="print the job's logs until it ends; exit 1 unless it succeeded")
+    submit.add_argument("--wait", action="store_true",
+                        help="print the job's logs until it ends; exit 1 unless it succeeded")
     submit.add_argument("--quiet", action="store_true", help="with --wait: no logs, only the result")
     _config_flags(submit, skip=("address",))
     for name, text in (("status", "a job's state and, once it succeeded, its results"),
@@ -244,7 +245,8 @@ def _report(cluster: jobs.Cluster, details: JobDetails, check: bool) -> dict[str
 
     run_dir = jobs.run_dir(details)
     status = details.status.value
-    print(f"job             {details.submission_id}: {status} ({jobs.when(details.start_time)} - {jobs.when(details.end_time)})")
+    span = f"{jobs.when(details.start_time)} - {jobs.when(details.end_time)}"
+    print(f"job             {details.submission_id}: {status} ({span})")
     if status == "SUCCEEDED" and run_dir:
         try:
             summary = RunStore(run_dir).read_json("summary.json")

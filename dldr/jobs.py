@@ -40,7 +40,8 @@ RUN_DIR_KEY = "dldr_run_dir"  # the job's metadata: where its run directory is
 TOKEN_PLACES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 
 # "Uploading package ...", "WebSocket closed ...": dldr says what it submitted and how the job ended
-for _name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", "ray._private.runtime_env.packaging"):
+for _name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
+              "ray._private.runtime_env.packaging"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 

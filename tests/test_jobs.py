@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dldr.cli import run
+from dldr.cli import main, run
 from dldr.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,6 +119,15 @@ def test_a_stopped_job_says_so_and_follow_returns(cluster_env, tmp_path, capsys)
     assert status["status"] == "STOPPED"
     assert f"job {job} was stopped" in capsys.readouterr().out
     assert run(["stop", job, "--address", cluster_env.address])["stopping"] is False
+
+
+def test_a_failed_job_fails_submit_wait_with_the_jobs_own_error(cluster_env, tmp_path, capsys):
+    missing = tmp_path / "no-cifar"
+    assert main(["submit", DIGITS, "--address", cluster_env.address, "--wait", "--quiet", "--data",
+                 f"cifar10:{missing}", "--run-dir", str(tmp_path / "failed")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(r"dldr: error: job dldr-digits-\S+ failed: no cifar-10-batches-py/ folder at "
+                                      + re.escape(str(missing)), err[0]), err
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
