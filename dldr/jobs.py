@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import requests
 from ray.exceptions import AuthenticationError
@@ -174,13 +174,12 @@ def logs(cluster: Cluster, job_id: str) -> str:
         return cluster.client.get_job_logs(job_id)
 
 
-def follow(cluster: Cluster, job_id: str, out: TextIO | None = None) -> JobDetails:
-    """Print the job's logs (to ``out``, default stdout) as they come until it ends; its final details."""
+def follow(cluster: Cluster, job_id: str) -> JobDetails:
+    """Print the job's logs as they come until it ends; its final details."""
     async def tail() -> None:
-        stream = out or sys.stdout
         async for chunk in cluster.client.tail_job_logs(job_id):
-            stream.write(chunk)
-            stream.flush()
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
 
     info(cluster, job_id)  # a job that does not exist is one line, before the websocket
     with cluster.calls(job_id):
