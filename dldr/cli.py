@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from dldr.config import CHOICES, Config, read_spec
 from dldr.errors import DldrError
-from dldr.store import RunStore
+from dldr.store import RunStore, holds_run
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails
@@ -147,7 +147,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     progress = not args.quiet
     run_dir = values.get("run_dir")
     run: phases.Run | None = None
-    if args.command == "fit" or (args.command == "sample" and not (run_dir and phases.holds_run(run_dir))):
+    if args.command == "fit" or (args.command == "sample" and not (run_dir and holds_run(run_dir))):
         cfg = Config.from_dict(values, source="command line")
     elif run_dir is None:
         raise DldrError(f"`dldr {args.command}` needs the --run-dir of an existing run")

@@ -31,7 +31,7 @@ from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 import dldr
 from dldr.config import Config, read_spec
 from dldr.errors import DldrError
-from dldr.store import RunStore
+from dldr.store import holds_run
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"  # what cluster/local-head.sh starts
 JOB_CONFIG = "dldr-job.yaml"
@@ -145,7 +145,7 @@ def submit(spec: str, overrides: dict[str, Any], address: str = "") -> Submissio
     if "://" not in run_dir:
         run_dir = os.path.abspath(run_dir)
     cfg = Config.from_dict({**values, "run_dir": run_dir}, source=spec)
-    if RunStore(run_dir).exists("config.yaml"):
+    if holds_run(run_dir):
         raise DldrError(f"{run_dir} already holds a run; give the job a new --run-dir")
     cluster = Cluster.connect(address)
     with tempfile.TemporaryDirectory(prefix="dldr-job-") as staging:

@@ -30,10 +30,9 @@ from dldr.errors import DldrError
 from dldr.optim import PBFGS, PSGD
 from dldr.params import FlatParams, shard_slices, trainable
 from dldr.runlog import RunLog
-from dldr.store import BackgroundWriter, RunStore, snapshot_path
+from dldr.store import CONFIG, BackgroundWriter, RunStore, snapshot_path
 from dldr.subspace import Subspace
 
-CONFIG = "config.yaml"
 MODEL = "model.safetensors"
 SUBSPACE_STATE = "subspace/state.pt"
 # The keys whose change makes a stopped phase 3 start over instead of resuming.
@@ -126,10 +125,6 @@ def start_run(cfg: Config, progress: bool = True) -> Run:
                         "there with `dldr sample`, `dldr basis` or `dldr train`")
     store.write_bytes(CONFIG, cfg.to_yaml().encode())
     return Run(cfg, store, progress=progress)
-
-
-def holds_run(run_dir: str) -> bool:
-    return RunStore(run_dir).exists(CONFIG)
 
 
 def open_run(run_dir: str, overrides: dict[str, Any], progress: bool = True) -> Run:

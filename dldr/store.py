@@ -33,6 +33,13 @@ MANIFEST = "manifest.json"
 _WRITER = {"snapshots": "dldr sample", "basis": "dldr basis", "data": "dldr sample"}
 
 
+CONFIG = "config.yaml"  # the run's resolved configuration: a run directory is one that holds it
+
+
+def holds_run(url: str) -> bool:
+    return RunStore(url).exists(CONFIG)
+
+
 def snapshot_path(rank: int, num_shards: int, step: int) -> str:
     return f"snapshots/{shard_name(rank, num_shards)}/step-{step:06d}.npy"
 
