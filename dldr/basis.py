@@ -4,19 +4,23 @@ With W = [w_1 - m, ..., w_t - m] the centred snapshot matrix (D x t), the top-d 
 (sigma_i^2, v_i) of the t x t Gram W^T W give the top-d left singular vectors of W:
 u_i = W v_i / sigma_i. W is never formed: each parameter shard r streams its snapshot files in
 row blocks, so a block holds every snapshot of its rows and is centred exactly there (this
-avoids the cancellation of centring the raw Gram afterwards). The shards' t x t Grams are
-summed, ``eigh`` runs once in float64, and each shard writes its slice P_r of the basis in a
-second streamed pass. Peak memory per shard: one block of rows x t, plus t x t.
+avoids the cancellation of centring the raw Gram afterwards), and the Gram is summed in
+float64. The shards' t x t Grams are summed, ``eigh`` runs once in float64, and each shard
+writes its slice P_r of the basis in a second streamed pass, in float32 (P's own precision).
+A background thread reads and checksums the next block while the current one is computed.
+Peak memory per shard: a few blocks of rows x t, plus t x t.
 
 The per-shard passes are plain functions ``fn(store, *args)``; ``build_basis`` hands them to a
 ``ShardMap``, which runs them one after another here or as Ray tasks next to the shards.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +32,8 @@ ORTHONORMALITY_TOL = 1e-3
 # Eigenvalues below this fraction of the largest are rounding, not directions of the trajectory.
 RANK_RTOL = 1e-10
 
+T = TypeVar("T")
+# (centred block, t x rows float32; shard rank) -> the block's rows of P, rows x d float32
 ColumnFn = Callable[[np.ndarray, int], np.ndarray]
 # (fn, [args of shard 0, args of shard 1, ...]) -> [fn(store, *args) for each shard], in order
 ShardMap = Callable[[Callable[..., Any], list[tuple]], list[Any]]
@@ -63,10 +69,11 @@ def block_rows(num_snapshots: int, block_bytes: int = BLOCK_BYTES) -> int:
     return max(1, block_bytes // (8 * num_snapshots))
 
 
-def centred_blocks(store: RunStore, rels: list[str], rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (row means, centred block) over one shard's snapshots, rows x t in float64.
+def snapshot_blocks(store: RunStore, rels: list[str], rows: int) -> Iterator[np.ndarray]:
+    """Yield t x rows float32 blocks of one shard's snapshots: row i of a block is snapshot i.
 
-    The checksums of all files are verified once the last block has been read.
+    A background thread reads (and checksums) the next block while the caller computes on
+    this one. The checksums of all files are verified once the last block has been read.
     """
     readers = []
     try:
@@ -77,23 +84,71 @@ def centred_blocks(store: RunStore, rels: list[str], rows: int) -> Iterator[tupl
             if reader.shape != length or len(length) != 1:
                 raise DldrError(f"{store.abspath(reader.rel)} has shape {reader.shape}, expected {length} "
                                 "like the other snapshots of its shard; re-run `dldr sample`")
-        for _ in range(0, length[0], rows):
-            block = np.stack([r.read(rows) for r in readers], axis=1).astype(np.float64)
-            mean = block.mean(axis=1)
-            yield mean, block - mean[:, None]
-        for reader in readers:
-            reader.finish()
+
+        def read() -> Iterator[np.ndarray]:
+            for start in range(0, length[0], rows):
+                block = np.empty((len(readers), min(rows, length[0] - start)), dtype=np.float32)
+                for i, reader in enumerate(readers):
+                    block[i] = reader.read(block.shape[1])
+                yield block
+            for reader in readers:
+                reader.finish()
+
+        yield from prefetched(read())
     finally:
         for reader in readers:
             reader.close()
 
 
+def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """``items``, produced on a background thread up to ``depth`` ahead; its errors re-raised here."""
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((done, None))
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+            slots.put((done, e))
+
+    thread = threading.Thread(target=produce, daemon=True, name="dldr-prefetch")
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _centred(block: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """(row means in float64, the block centred on them in ``dtype``): each column is one parameter."""
+    mean = block.mean(axis=0, dtype=np.float64)
+    return mean, np.subtract(block, mean.astype(dtype), dtype=dtype)
+
+
 def shard_gram(store: RunStore, rels: list[str], block_bytes: int = BLOCK_BYTES) -> np.ndarray:
-    """The centred Gram W_r^T W_r (t x t, float64) of one shard."""
+    """The centred Gram W_r^T W_r (t x t) of one shard, centred and summed in float64."""
     t = len(rels)
     gram = np.zeros((t, t))
-    for _, centred in centred_blocks(store, rels, block_rows(t, block_bytes)):
-        gram += centred.T @ centred
+    for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
+        centred = _centred(block, np.float64)[1]
+        gram += centred @ centred.T
     return gram
 
 
@@ -115,31 +170,34 @@ def decompose(gram: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_shard(store: RunStore, rank: int, num_shards: int, rels: list[str], columns: ColumnFn,
-                dim: int, block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+                dim: int, block_bytes: int = BLOCK_BYTES, project: bool = False
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """Stream one shard again, writing its basis slice P_r (D_r x d) and snapshot mean m_r.
 
-    Returns P_r^T P_r (d x d) and P_r^T W_r (d x t), summed over shards by the caller for the
-    orthonormality check and the variance the subspace captures.
+    Returns P_r^T P_r (d x d), for the orthonormality check, and with ``project`` P_r^T W_r
+    (d x t), for the variance a basis that is not the trajectory's own captures; the caller
+    sums them over shards. This pass works in float32, the precision P is stored in.
     """
     t = len(rels)
     length = store.manifest[rels[0]]["shape"][0]
-    gram_p, proj = np.zeros((dim, dim)), np.zeros((dim, t))
-    with store.array_writer(basis_path(rank, num_shards), (length, dim), np.float32) as out_p, \
+    gram_p, proj = np.zeros((dim, dim)), np.zeros((dim, t)) if project else None
+    with store.array_writer(basis_path(rank, num_shards), (length,  dim), np.float32) as out_p, \
             store.array_writer(mean_path(rank, num_shards), (length,), np.float32) as out_m:
-        for mean, centred in centred_blocks(store, rels, block_rows(t, block_bytes)):
-            block = columns(centred, rank).astype(np.float32)
-            out_p.write(block)
-            out_m.write(mean)
-            block = block.astype(np.float64)
-            gram_p += block.T @ block
-            proj += block.T @ centred
+        for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
+            mean, centred = _centred(block, np.float32)
+            p = columns(centred, rank)
+            out_p.write(p)
+            out_m.write(mean.astype(np.float32))
+            gram_p += p.T @ p
+            if proj is not None:
+                proj += p.T @ centred.T
     return gram_p, proj
 
 
 def trajectory_columns(eigvals: np.ndarray, eigvecs: np.ndarray) -> ColumnFn:
-    """u_i = W v_i / sigma_i, applied to a centred row block."""
-    coeffs = eigvecs / np.sqrt(eigvals[: eigvecs.shape[1]])
-    return lambda centred, rank: centred @ coeffs
+    """u_i = W v_i / sigma_i, applied to a centred block (t x rows)."""
+    coeffs = (eigvecs / np.sqrt(eigvals[: eigvecs.shape[1]])).astype(np.float32)
+    return lambda centred, rank: centred.T @ coeffs
 
 
 def random_sq_norms(store: RunStore, rank: int, length: int, dim: int, seed: int, block_bytes: int) -> np.ndarray:
@@ -162,7 +220,7 @@ def random_columns(sq_norms: np.ndarray, dim: int, seed: int) -> ColumnFn:
 
     def columns(centred: np.ndarray, rank: int) -> np.ndarray:
         rng = streams.setdefault(rank, np.random.default_rng([seed, rank]))
-        return rng.standard_normal((centred.shape[0], dim)) * scale
+        return (rng.standard_normal((centred.shape[1], dim)) * scale).astype(np.float32)
 
     return columns
 
@@ -188,14 +246,18 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
     else:
         sq_norms = map_shards(random_sq_norms, [(r, n, dim, seed, block_bytes) for r, n in enumerate(lengths)])
         columns = random_columns(np.sum(sq_norms, axis=0), dim, seed)
-    parts = map_shards(write_shard, [(rank, len(shards), rels, columns, dim, block_bytes)
+    parts = map_shards(write_shard, [(rank, len(shards), rels, columns, dim, block_bytes, kind == "random")
                                      for rank, rels in enumerate(shards)])
-    gram_p, proj = (np.sum(m, axis=0) for m in zip(*parts))
+    gram_p = np.sum([p[0] for p in parts], axis=0)
+    if kind == "trajectory":  # span(P) is the top-d eigenspace: its share of the variance
+        explained = float(eigvals[:dim].sum() / eigvals.sum())
+    else:
+        explained = captured_variance(gram_p, np.sum([p[1] for p in parts], axis=0), eigvals)
     store.save_array("basis/gram.npy", gram)
     store.save_array("basis/eigvals.npy", eigvals)
     report = BasisReport(
         kind=kind, dim=dim, num_snapshots=t, num_params=sum(lengths), num_shards=len(shards),
-        explained_variance_ratio=captured_variance(gram_p, proj, eigvals),
+        explained_variance_ratio=explained,
         orthonormality_error=float(np.abs(gram_p - np.eye(dim)).max()),
         seconds=time.perf_counter() - start,
     )
@@ -207,8 +269,5 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
 
 
 def captured_variance(gram_p: np.ndarray, proj: np.ndarray, eigvals: np.ndarray) -> float:
-    """Fraction of the trajectory's variance inside span(P): tr(W^T P (P^T P)^-1 P^T W) / tr(W^T W).
-
-    For the DLDR basis this is the explained-variance ratio of the top d eigenvalues.
-    """
+    """Fraction of the trajectory's variance inside span(P): tr(W^T P (P^T P)^-1 P^T W) / tr(W^T W)."""
     return float(np.trace(proj.T @ np.linalg.solve(gram_p, proj)) / eigvals.sum())

@@ -33,7 +33,9 @@ _HELP = {
     "optimizer": "phase 3 optimizer",
     "subspace": "the DLDR basis, or random directions (for comparison)",
     "subspace_epochs": "epochs of phase 3",
-    "batch_size": "mini-batch size of phases 1 and 3",
+    "batch_size": "mini-batch size of phase 1 (and of phase 3 unless --subspace-batch-size is given)",
+    "subspace_batch_size": "mini-batch size of phase 3",
+    "holdout": "fraction of the training images held out as a validation set, logged as val_accuracy",
     "lr": "SGD learning rate of phase 1",
     "subspace_lr": "P-SGD learning rate of phase 3",
     "weight_decay": "SGD weight decay of phase 1",
@@ -52,7 +54,7 @@ _HELP = {
 }
 
 
-_DEFAULTS = {"run_dir": "runs/<time>", "address": "RAY_ADDRESS, else a local instance"}
+_DEFAULTS = {"run_dir": "runs/<time>", "subspace_batch_size": "--batch-size", "address": "RAY_ADDRESS, else a local instance"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,6 +102,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.choices["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     sub.add_parser("jobs", parents=[dashboard], help="the jobs on a Ray cluster")
 
+    from dldr.bench import BENCHMARKS, DEFAULT_OUT
+
+    bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
+    bench.add_argument("name", choices=list(BENCHMARKS), metavar="NAME",
+                       help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()).replace("%", "%%"))
+    bench.add_argument("--preset", default="cpu", help="cpu (this machine, minutes), gpu (needs a CUDA GPU) "
+                                                       "or smoke (tiny sizes, seconds); default: cpu")
+    bench.add_argument("--out", default=DEFAULT_OUT, help=f"folder of the results (default: {DEFAULT_OUT})")
+    bench.add_argument("--work-dir", default=None, help="where the benchmark's runs and files go while it runs "
+                                                        "(default: the system's temp folder)")
+
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="tool", required=True, metavar="TOOL")
     convert = data.add_parser("convert", help="write one split of a data set as an ffcv .beton file")
     convert.add_argument("source", metavar="SRC", help="a --data spec, e.g. imagefolder:/data/imagenet")
@@ -139,6 +152,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     if args.command == "data":
         return _convert(args)
+    if args.command == "bench":
+        from dldr import bench
+
+        return {"results": str(bench.run(args.name, args.preset, args.out, args.work_dir))}
     if args.command in JOB_COMMANDS:
         return _job_command(args)
     from dldr import phases  # torch and the data sets: not needed to speak to a job server

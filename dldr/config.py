@@ -35,6 +35,9 @@ class Config:
     max_failures: int = 0
     batch_size: int = 128
     label_noise: float = 0.0
+    # a seeded fraction of the training images (labels as noisy as the rest) kept out of
+    # training, logged as val_accuracy every epoch: what early stopping is judged on
+    holdout: float = 0.0
     # the crop of ImageFolder data (and .beton files of it), and the processes that decode it
     image_size: int = 224
     loader_workers: int = 2
@@ -55,6 +58,8 @@ class Config:
     start: str = "mean"
     optimizer: str = "pbfgs"
     subspace_epochs: int = 10
+    # the mini-batch of phase 3 (0: batch_size); the paper trains P-BFGS on larger batches
+    subspace_batch_size: int = 0
     subspace_lr: float = 0.1
     armijo_sigma: float = 0.4
     armijo_beta: float = 0.55
@@ -67,14 +72,17 @@ class Config:
                                 f"got {getattr(self, name)!r}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise DldrError(f"--label-noise must be a fraction in [0, 1], got {self.label_noise}")
-        for name in ("workers", "max_failures", "gpus_per_worker", "loader_workers"):
+        if not 0.0 <= self.holdout < 1.0:
+            raise DldrError(f"--holdout must be a fraction in [0, 1), got {self.holdout}")
+        for name in ("workers", "max_failures", "gpus_per_worker", "loader_workers", "subspace_batch_size"):
             if getattr(self, name) < 0:
                 raise DldrError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.gpus_per_worker > 0 and self.device != "cuda":
             raise DldrError("--gpus-per-worker gives each worker GPUs; add --device cuda to train on them")
-        if self.workers and self.batch_size % self.workers:
-            raise DldrError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}, "
-                            "so every worker gets the same share of each batch")
+        for name in ("batch_size", "subspace_batch_size"):
+            if self.workers and getattr(self, name) % self.workers:
+                raise DldrError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
+                                f"--workers {self.workers}, so every worker gets the same share of each batch")
         for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials", "image_size"):
             if getattr(self, name) < 1:
                 raise DldrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -84,6 +92,11 @@ class Config:
             raise DldrError(f"--snapshot-every must be 0 (each epoch) or a number of steps, got {self.snapshot_every}")
         if not self.run_dir:
             self.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
+
+    @property
+    def train_batch_size(self) -> int:
+        """Phase 3's mini-batch."""
+        return self.subspace_batch_size or self.batch_size
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:

@@ -36,8 +36,8 @@ from dldr.subspace import Subspace
 MODEL = "model.safetensors"
 SUBSPACE_STATE = "subspace/state.pt"
 # The keys whose change makes a stopped phase 3 start over instead of resuming.
-TRAIN_KEYS = ("model", "data", "image_size", "seed", "batch_size", "label_noise", "start", "optimizer",
-              "subspace_lr", "momentum", "armijo_sigma", "armijo_beta", "max_trials")
+TRAIN_KEYS = ("model", "data", "image_size", "seed", "batch_size", "subspace_batch_size", "label_noise", "holdout",
+              "start", "optimizer", "subspace_lr", "momentum", "armijo_sigma", "armijo_beta", "max_trials")
 
 
 class Session:
@@ -100,8 +100,8 @@ class Run:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
 
-def _data(cfg: Config) -> datasets.DataSource:
-    return datasets.load(cfg.data, cfg.label_noise, cfg.seed, cfg.image_size, cfg.loader_workers)
+def load_data(cfg: Config) -> datasets.DataSource:
+    return datasets.load(cfg.data, cfg.label_noise, cfg.seed, cfg.image_size, cfg.loader_workers, cfg.holdout)
 
 
 def _device(cfg: Config) -> torch.device:
@@ -117,7 +117,7 @@ def _device(cfg: Config) -> torch.device:
 def start_run(cfg: Config, progress: bool = True) -> Run:
     """Check the device, model and data, then create the run directory with its config.yaml."""
     _device(cfg)
-    data = _data(cfg)
+    data = load_data(cfg)
     models.check_input(models.create(cfg.model, data.num_classes, data.input_shape), cfg.model, data.input_shape)
     store = RunStore(cfg.run_dir)
     if store.exists(CONFIG):
@@ -145,18 +145,19 @@ def save_config(run: Run) -> None:
         run.store.write_bytes(CONFIG, text)
 
 
-def _model(run: Run, data: datasets.DataSource) -> nn.Module:
+def build_model(run: Run, data: datasets.DataSource) -> nn.Module:
     torch.manual_seed(run.cfg.seed)
     model = models.create(run.cfg.model, data.num_classes, data.input_shape).to(run.device)
     return model.to(memory_format=torch.channels_last) if run.channels_last else model
 
 
 @torch.no_grad()
-def evaluate(run: Run, model: nn.Module, data: datasets.DataSource) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on the test set in eval mode; each rank evaluates its share."""
+def evaluate(run: Run, model: nn.Module, data: datasets.DataSource, split: str = "test") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the test (or val) set in eval mode; each rank evaluates its share."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=run.device)  # summed on the device: no sync per batch
-    for xb, yb in data.test_batches(run.cfg.batch_size, run.comm.rank, run.comm.world_size):
+    batches = data.test_batches if split == "test" else data.val_batches
+    for xb, yb in batches(run.cfg.batch_size, run.comm.rank, run.comm.world_size):
         yb = yb.to(run.device)
         with run.autocast():
             out = model(run.inputs(xb))
@@ -184,8 +185,8 @@ def sample(run: Run) -> dict[str, Any]:
     """
     cfg, store, comm = run.cfg, run.store, run.comm
     start = time.perf_counter()
-    data = _data(cfg)
-    model = _model(run, data)
+    data = load_data(cfg)
+    model = build_model(run, data)
     net = comm.data_parallel(model)
     flat = FlatParams(trainable(model))
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
@@ -278,11 +279,12 @@ def _commit(run: Run) -> None:
 
 def _epoch_metrics(run: Run, model: nn.Module, data: datasets.DataSource, losses: list[float],
                    **values: Any) -> dict[str, Any]:
-    """The epoch's training loss averaged over ranks, and the test metrics."""
+    """The epoch's training loss averaged over ranks, and the test (and validation) metrics."""
     mean = run.comm.all_reduce_sum(torch.tensor([float(np.mean(losses))], dtype=torch.float64))
-    test_loss, test_acc = evaluate(run, model, data)
-    return {**values, "train_loss": float(mean[0]) / run.comm.world_size, "test_loss": test_loss,
-            "test_accuracy": test_acc}
+    metrics = {**values, "train_loss": float(mean[0]) / run.comm.world_size}
+    for split in ("val", "test") if run.cfg.holdout else ("test",):
+        metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = evaluate(run, model, data, split)
+    return metrics
 
 
 def basis(run: Run) -> dict[str, Any]:
@@ -328,7 +330,37 @@ def _start_point(store: RunStore, how: str, rows: slice) -> np.ndarray:
     return _rows(store, [files[index] for files in store.snapshot_shards()], rows)
 
 
-def _optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.optim.Optimizer:
+@torch.no_grad()
+def recompute_batchnorm(run: Run, model: nn.Module, data: datasets.DataSource) -> None:
+    """Set BatchNorm running statistics to those of the current weights, over one pass of the training data.
+
+    The statistics are buffers, not part of w, so a model set to w_start carries its freshly
+    initialised ones, and a few large subspace steps leave them behind the weights. Phase 3
+    recomputes them at its start and before its final evaluation, as SWA does; each rank
+    averages its share of the data, then the ranks average theirs.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+    was_training = model.training
+    model.train()
+    cfg, comm = run.cfg, run.comm
+    for xb, _ in data.train_batches(cfg.train_batch_size, cfg.seed + 2, 1, comm.rank, comm.world_size):
+        with run.autocast():
+            model(run.inputs(xb))
+    model.train(was_training)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+        for buffer in (m.running_mean, m.running_var):
+            buffer.copy_(comm.all_reduce_sum(buffer) / comm.world_size)
+
+
+def make_optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.optim.Optimizer:
+    """The phase 3 optimizer ``cfg`` names, over ``model``'s parameters in ``subspace``."""
     params = trainable(model)
     if cfg.optimizer == "pbfgs":
         return PBFGS(params, subspace, buffers=list(model.buffers()), sigma=cfg.armijo_sigma,
@@ -351,19 +383,12 @@ def _saved_state(run: Run, fingerprint: str) -> dict[str, Any] | None:
     return state if state["fingerprint"] == fingerprint else None
 
 
-def train(run: Run) -> dict[str, Any]:
-    """Phase 3: train the d coordinates c of w = w_start + P c; rank r holds only P_r.
-
-    The optimizer state is saved to subspace/state.pt after every epoch, and a phase 3 that
-    stopped (a killed run, a failed worker group) resumes from it.
-    """
+def load_subspace(run: Run, model: nn.Module) -> Subspace:
+    """The run's subspace for this rank (its rows P_r of the basis), with ``model`` set to w_start."""
     cfg, store, comm = run.cfg, run.store, run.comm
-    start = time.perf_counter()
     basis_files = store.files("basis/shard-")
     if not basis_files:
         raise DldrError(f"{cfg.run_dir} has no basis; run `dldr basis --run-dir {cfg.run_dir}` first")
-    data = _data(cfg)
-    model = _model(run, data)
     flat = FlatParams(trainable(model))
     stored = sum(store.manifest[rel]["shape"][0] for rel in basis_files)
     if stored != flat.numel:
@@ -372,8 +397,22 @@ def train(run: Run) -> dict[str, Any]:
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
     basis_rows = torch.from_numpy(_rows(store, basis_files, shard)).to(run.device)
     flat.set(torch.from_numpy(_start_point(store, cfg.start, slice(0, flat.numel))).to(run.device))
-    subspace = Subspace(basis_rows, shard, comm)
-    opt = _optimizer(cfg, model, subspace)
+    return Subspace(basis_rows, shard, comm)
+
+
+def train(run: Run) -> dict[str, Any]:
+    """Phase 3: train the d coordinates c of w = w_start + P c; rank r holds only P_r.
+
+    The optimizer state is saved to subspace/state.pt after every epoch, and a phase 3 that
+    stopped (a killed run, a failed worker group) resumes from it.
+    """
+    cfg, store, comm = run.cfg, run.store, run.comm
+    start = time.perf_counter()
+    data = load_data(cfg)
+    model = build_model(run, data)
+    subspace = load_subspace(run, model)
+    basis_files = store.files("basis/shard-")
+    opt = make_optimizer(cfg, model, subspace)
     fingerprint = _fingerprint(cfg, store, basis_files)
     saved = _saved_state(run, fingerprint)
     first_epoch = 1
@@ -381,6 +420,8 @@ def train(run: Run) -> dict[str, Any]:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         first_epoch = saved["epoch"] + 1
+    else:
+        recompute_batchnorm(run, model, data)
     if run.main:
         run.log.begin("train", resume_after_epoch=first_epoch - 1)
         if saved is None:
@@ -388,19 +429,22 @@ def train(run: Run) -> dict[str, Any]:
     run.barrier()
     net = comm.data_parallel(model)
     model.train()
-    steps_per_epoch = data.steps(cfg.batch_size, comm.world_size)
+    batch_size = cfg.train_batch_size
+    steps_per_epoch = data.steps(batch_size, comm.world_size)
     stats = _optimizer_stats(opt, max(first_epoch - 1, 1) * steps_per_epoch)
     with run.bar(f"train ({cfg.optimizer}, d={subspace.dim})", cfg.subspace_epochs * steps_per_epoch) as bar:
         bar.update((first_epoch - 1) * steps_per_epoch)
         for epoch in range(first_epoch, cfg.subspace_epochs + 1):
             losses = []
-            for step, (xb, yb) in enumerate(data.train_batches(cfg.batch_size, cfg.seed + 1, epoch,
+            for step, (xb, yb) in enumerate(data.train_batches(batch_size, cfg.seed + 1, epoch,
                                                                comm.rank, comm.world_size),
                                             start=(epoch - 1) * steps_per_epoch + 1):
                 losses.append(_finite(_step(run, opt, net, xb, yb), "subspace", epoch,
                                       "try --start mean, a smaller --dim or --optimizer pbfgs"))
                 run.session.after_step(step)
                 bar.update()
+            if epoch == cfg.subspace_epochs:
+                recompute_batchnorm(run, model, data)
             stats = _optimizer_stats(opt, epoch * steps_per_epoch)
             metrics = _epoch_metrics(run, model, data, losses, epoch=epoch, step=epoch * steps_per_epoch,
                                      optimizer=cfg.optimizer, seconds=time.perf_counter() - start, **stats)
@@ -420,24 +464,30 @@ def train(run: Run) -> dict[str, Any]:
     result = {"seconds": time.perf_counter() - start, "epochs": cfg.subspace_epochs, "test_accuracy": test_acc,
               "line_search_failures": stats.get("line_search_failures", 0), "optimizer": cfg.optimizer,
               "workers": comm.world_size, "resumed_after_epoch": first_epoch - 1,
-              "basis_rows_per_rank": comm.all_gather_object(basis_rows.shape[0])}
+              "basis_rows_per_rank": comm.all_gather_object(subspace.basis.shape[0])}
     run.log.finish("train", result)
     return result
 
 
-def _step(run: Run, opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def closure(run: Run, opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor,
+            y: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The batch loss, with its gradient when gradients are enabled: what ``opt.step`` calls."""
     x, y = run.inputs(x), y.to(run.device)
 
-    def closure() -> torch.Tensor:
+    def loss() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
         with run.autocast():
-            loss = F.cross_entropy(model(x), y)
+            value = F.cross_entropy(model(x), y)
         if torch.is_grad_enabled():
-            loss.backward()
-        return loss
+            value.backward()
+        return value
 
+    return loss
+
+
+def _step(run: Run, opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     try:
-        return opt.step(closure)
+        return opt.step(closure(run, opt, model, x, y))
     except FloatingPointError as e:
         raise DldrError(f"{e}; the subspace start point may be diverged: try --start first or a smaller --lr") from None
 

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 _COLORS = {"sample": "tab:blue", "train": "tab:orange"}
 
 
-def _png(fig: Figure) -> bytes:
+def png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     return buf.getvalue()
@@ -33,7 +33,7 @@ def explained_variance(eigvals: np.ndarray, dim: int) -> bytes:
         ax.axvline(dim, color="gray", linestyle="--", label=f"d = {dim}: {ratio[dim - 1]:.6f}")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _png(fig)
+    return png(fig)
 
 
 def curves(records: list[dict[str, Any]]) -> bytes:
@@ -55,4 +55,4 @@ def curves(records: list[dict[str, Any]]) -> bytes:
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    return _png(fig)
+    return png(fig)

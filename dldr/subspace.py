@@ -10,7 +10,7 @@ import torch
 
 from dldr.comm import Comm, LocalComm
 
-PROJECT_BLOCK_ROWS = 1 << 18
+PROJECT_BLOCK_ROWS = 1 << 14  # 5 MB of float64 per block: the conversion stays in cache
 
 
 class Subspace:

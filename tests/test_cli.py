@@ -247,3 +247,54 @@ def test_a_stopped_train_phase_resumes_where_it_stopped(small_run, tmp_path):
     assert resumed.manifest["model.safetensors"]["sha256"] == uninterrupted.manifest["model.safetensors"]["sha256"]
     records = [json.loads(line) for line in resumed.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [r["epoch"] for r in records if r["phase"] == "train"] == [1, 2]
+
+
+def test_holdout_splits_the_noisy_training_set():
+    full = datasets.load("digits", label_noise=0.4, seed=3)
+    split = datasets.load("digits", label_noise=0.4, seed=3, holdout=0.2)
+    assert len(split.val_y) == round(0.2 * 1438) and len(split.train_labels) == 1438 - len(split.val_y)
+    # the validation images and labels are training ones, noisy labels included, and leave training
+    pairs = {(bytes(x.numpy()), int(y)) for x, y in zip(full.train_x, full.train_labels, strict=True)}
+    val = {(bytes(x.numpy()), int(y)) for x, y in zip(split.val_x, split.val_y, strict=True)}
+    train = {(bytes(x.numpy()), int(y)) for x, y in zip(split.train_x, split.train_labels, strict=True)}
+    assert val <= pairs and train <= pairs and not val & train
+    assert sum(len(b[1]) for b in split.val_batches(100)) == len(split.val_y)
+
+
+def test_holdout_and_subspace_batch_size_in_a_run(tmp_path):
+    run_dir = str(tmp_path / "run")
+    assert main(["fit", "--run-dir", run_dir, *SMALL, "--holdout", "0.25", "--subspace-batch-size", "512"]) == 0
+    records = RunStore(run_dir).read_bytes("metrics.jsonl").decode().splitlines()
+    epochs = [json.loads(r) for r in records if '"epoch"' in r]
+    assert all(0 <= r["val_accuracy"] <= 1 for r in epochs)
+    train = [r for r in epochs if r["phase"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]  # 1078 training images: 2 batches of 512 an epoch
+
+
+def test_holdout_needs_in_memory_data(tmp_path, capsys):
+    from tests.helpers import write_imagefolder
+
+    write_imagefolder(tmp_path / "images")
+    assert main(["fit", "--run-dir", str(tmp_path / "run"), *SMALL, "--data", f"imagefolder:{tmp_path / 'images'}",
+                 "--holdout", "0.2"]) == 1
+    assert "--holdout needs a data set held in memory" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_recompute_batchnorm_gives_the_statistics_of_the_current_weights(tmp_path):
+    from torch import nn
+
+    from dldr.config import Config
+
+    run_dir = str(tmp_path / "run")
+    run = phases.Run(Config(workers=0, run_dir=run_dir, subspace_batch_size=256), RunStore(run_dir))
+    data = phases.load_data(run.cfg)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.BatchNorm1d(8))
+    model[2].running_mean.fill_(5.0)  # stale statistics, as at w_start
+    phases.recompute_batchnorm(run, model, data)
+    with torch.no_grad():
+        features = [model[1](model[0](x)) for x, _ in data.train_batches(256, run.cfg.seed + 2, 1)]
+    torch.testing.assert_close(model[2].running_mean, torch.cat(features).mean(0))
+    torch.testing.assert_close(model[2].running_var, torch.stack([f.var(0) for f in features]).mean(0))
+    assert model[2].momentum == 0.1 and model.training

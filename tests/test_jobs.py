@@ -188,9 +188,10 @@ def test_the_stop_script_ends_only_the_heads_processes(head):
     decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"--temp-dir={head.state}-other",
                               f"{head.state}-other/session_latest"])
     try:
-        others = [p for p in psutil.process_iter(["cmdline"])
-                  if any(name in " ".join(p.info["cmdline"] or []) for name in ("raylet", "gcs_server", "-other"))
-                  and not _mentions(head.state, p)]
+        # other heads' long-lived processes (their workers come and go by themselves), and the decoy
+        others = [psutil.Process(decoy.pid)] + [p for p in psutil.process_iter(["name", "cmdline"])
+                                                if p.info["name"] in ("raylet", "gcs_server")
+                                                and not _mentions(head.state, p)]
         ours = _head_processes(head.state)
         assert psutil.Process(head.pid) in ours and len(ours) >= 4
         out = subprocess.run([str(ROOT / "cluster" / "local-head-stop.sh"), str(head.state)], capture_output=True,

@@ -21,8 +21,11 @@ __all__ = ["SPECS", "DataSource", "load", "noisy_labels"]
 
 
 def load(spec: str, label_noise: float = 0.0, seed: int = 0, image_size: int = 224,
-         loader_workers: int = 2) -> DataSource:
+         loader_workers: int = 2, holdout: float = 0.0) -> DataSource:
     """The data set ``spec`` names, with a seeded ``label_noise`` fraction of its training labels redrawn.
+
+    ``holdout`` moves a seeded fraction of the (noisy) training images to a validation set:
+    under label noise, the noisy labels are all a user has to validate on.
 
     ``image_size`` is the crop of ImageFolder data (and of .beton files converted from it);
     ``loader_workers`` are the decoding processes (threads for ffcv) of those two.
@@ -46,4 +49,6 @@ def load(spec: str, label_noise: float = 0.0, seed: int = 0, image_size: int = 2
         raise DldrError(f"unknown data set {spec!r}; use {SPECS}")
     if label_noise > 0:
         data.train_labels = noisy_labels(data.train_labels, label_noise, data.num_classes, seed)
+    if holdout > 0:
+        data.hold_out(holdout, seed)
     return data

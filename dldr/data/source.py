@@ -69,6 +69,15 @@ class DataSource(ABC):
     def test_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
         """Every world_size-th test image from ``rank`` on, so the ranks together see each once."""
 
+    def hold_out(self, fraction: float, seed: int) -> None:
+        """Move a seeded ``fraction`` of the training images, with their labels, to a validation set."""
+        raise DldrError(f"--holdout needs a data set held in memory (digits, cifar10:DIR, cifar100:DIR, "
+                        f"synthetic); {self.name} is read from disk: hold out a folder of it instead")
+
+    def val_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """Like ``test_batches``, over the images ``hold_out`` set aside."""
+        raise DldrError(f"{self.name} has no validation set; give --holdout")
+
     def raw(self, split: str) -> Sequence[tuple[np.ndarray, int]]:
         """(H x W x 3 uint8 image, label) of a split, for ``dldr data convert``."""
         raise DldrError(f"{self.name} is already converted; convert the data set it was written from")

@@ -49,6 +49,8 @@ class TensorSource(DataSource):
     stats: Stats
     scale: float = 255.0
     augmentation: str = "none"  # or "crop_flip"
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -62,7 +64,26 @@ class TensorSource(DataSource):
             yield x, torch.tensor(index)
 
     def test_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-        x, y = self.test_x[rank::world_size], self.test_y[rank::world_size]
+        return self._eval_batches(self.test_x, self.test_y, batch_size, rank, world_size)
+
+    def hold_out(self, fraction: float, seed: int) -> None:
+        order = torch.randperm(len(self.train_labels), generator=torch.Generator().manual_seed(seed))
+        n_val = round(fraction * len(order))
+        if not 0 < n_val < len(order):
+            raise DldrError(f"--holdout {fraction} of {len(order)} training images leaves no validation "
+                            "or no training image; pick a fraction in between")
+        val, train = order[:n_val].sort().values, order[n_val:].sort().values
+        self.val_x, self.val_y = self.train_x[val], self.train_labels[val]
+        self.train_x, self.train_labels = self.train_x[train], self.train_labels[train]
+
+    def val_batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        if self.val_y is None:
+            return super().val_batches(batch_size, rank, world_size)
+        return self._eval_batches(self.val_x, self.val_y, batch_size, rank, world_size)
+
+    def _eval_batches(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, rank: int,
+                      world_size: int) -> Iterator[Batch]:
+        x, y = x[rank::world_size], y[rank::world_size]
         for start in range(0, len(y), batch_size):
             yield self.stats.normalise(x[start:start + batch_size], self.scale), y[start:start + batch_size]
 

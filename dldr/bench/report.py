@@ -1,0 +1,128 @@
+"""What every benchmark writes: NAME-PRESET.json (figures, settings, machine), .png and .md."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from dldr.plots import png
+
+PACKAGES = ("torch", "torchvision", "timm", "ray", "numpy", "scipy")
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, cores, memory, GPU and package versions a figure was taken with."""
+    info: dict[str, Any] = {"cpu": _cpu_model(), "cores": os.cpu_count(),
+                            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+                            "platform": platform.platform(), "python": platform.python_version(), "gpu": None}
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    info["versions"] = versions
+    info["commit"] = _commit()
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def panels(results: dict[str, Any], draw: Callable[[Any, Any], None],
+           ylim: tuple[float, float] | None = None) -> Figure:
+    """One panel per setting of ``results`` ({label: result}), each drawn by ``draw(axes, result)``."""
+    fig = Figure(figsize=(5 * len(results), 3.8))
+    for i, (label, result) in enumerate(results.items(), start=1):
+        ax = fig.add_subplot(1, len(results), i)
+        draw(ax, result)
+        ax.set(title=label, ylim=ylim)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def write(out: Path, name: str, preset: str, settings: dict[str, Any], results: Any, markdown: str,
+          figure: Figure, seconds: float) -> Path:
+    """NAME-PRESET.json, .png and .md under ``out``; the markdown is what benchmarks/README.md shows."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{name}-{preset}"
+    info = machine()
+    gpu = f", {info['gpu']}" if info["gpu"] else ", no GPU"
+    header = (f"`dldr bench {name} --preset {preset}`, {time.strftime('%Y-%m-%d')}, {info['cpu']} "
+              f"({info['cores']} cores, {info['memory_gb']} GB{gpu}), torch {info['versions']['torch']}, "
+              f"{seconds:.0f} s in all\n\n")
+    report = {"benchmark": name, "preset": preset, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "command": f"dldr bench {name} --preset {preset}", "seconds": seconds, "machine": info,
+              "settings": settings, "results": results}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    stem.with_suffix(".png").write_bytes(png(figure))
+    stem.with_suffix(".md").write_text(header + markdown)
+    return stem
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of /proc/self/status: VmRSS (resident now) or VmHWM (its peak since exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _measured(fn: Callable[..., dict[str, Any]], args: tuple) -> dict[str, Any]:
+    before = _status_bytes("VmRSS")
+    start = time.perf_counter()
+    result = fn(*args)
+    seconds = time.perf_counter() - start
+    peak = _status_bytes("VmHWM")  # not ru_maxrss: that one keeps the forking parent's peak across exec
+    return {**result, "seconds": seconds, "peak_rss_bytes": peak, "rss_before_bytes": before}
+
+
+def in_fresh_process(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a new process, with its wall time and the process's peak resident memory.
+
+    A fresh process, so the peak is this call's alone; ``rss_before_bytes`` is what the process
+    held (the interpreter and imports) before the call began.
+    """
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measured, (fn, args))

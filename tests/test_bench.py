@@ -1,0 +1,84 @@
+"""The benchmark suite at smoke sizes: every benchmark runs, writes its files, and its figures hold together."""
+import json
+
+import pytest
+import timm
+import torch
+
+from dldr import cli
+from dldr.bench import BENCHMARKS, methods, step
+from dldr.config import Config
+
+
+def _bench(name: str, out) -> dict:
+    assert cli.main(["bench", name, "--preset", "smoke", "--out", str(out)]) == 0
+    stem = out / f"{name}-smoke"
+    assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stem.with_suffix(".md").read_text().startswith(f"`dldr bench {name} --preset smoke`")
+    report = json.loads(stem.with_suffix(".json").read_text())
+    assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["torch"]
+    return report["results"]
+
+
+def test_wallclock_and_label_noise_agree_and_count_epochs(tmp_path):
+    wall = _bench("wallclock", tmp_path)["digits, MLP"]
+    setting = methods.PRESETS["smoke"][0]
+    assert wall["sgd"]["epochs"] == setting.sgd_epochs
+    dldr_epochs = setting.dldr["sample_epochs"] + setting.dldr["subspace_epochs"]
+    assert wall["dldr"]["epochs"] == wall["psgd"]["epochs"] == dldr_epochs
+    assert wall["random"]["epochs"] == setting.dldr["subspace_epochs"]
+    assert 1 <= wall["sgd_early"]["epochs"] <= setting.sgd_epochs
+    assert wall["sgd"]["reached_sgd"] == 1  # SGD reaches its own final accuracy
+    noise = _bench("label_noise", tmp_path)["digits, MLP"]
+    assert set(noise) == {"0.0", "0.2", "0.4"}
+    # the same seed and configuration give the same runs in both benchmarks
+    for m in methods.METHODS:
+        assert noise["0.0"][m]["test_accuracies"] == wall[m]["test_accuracies"]
+    assert noise["0.4"]["sgd"]["test_accuracies"] != noise["0.0"]["sgd"]["test_accuracies"]
+
+
+def test_step_breakdown(tmp_path):
+    r = _bench("step", tmp_path)["digits, MLP"]
+    assert r["pbfgs"]["mean_trials"] >= 1
+    assert r["pbfgs"]["breakdown"]["trial_forward"] > 0 and r["pbfgs"]["breakdown"]["projection"] > 0
+    assert "trial_forward" not in r["sgd"]["breakdown"] and "projection" not in r["sgd"]["breakdown"]
+    parts = sum(v for k, v in r["pbfgs"]["breakdown"].items() if k != "step")
+    assert parts == pytest.approx(r["pbfgs"]["seconds_per_step"])
+
+
+def test_basis_streamed_matches_naive(tmp_path):
+    results = _bench("basis", tmp_path)
+    assert set(results) == {"1", "2"}
+    for r in results.values():
+        assert r["snapshot_bytes"] >= 12 * 20_000 * 4
+        assert r["largest_principal_angle"] < 1e-2  # naive runs its SVD in float32
+        assert r["eigval_max_rel_diff"] < 1e-4
+
+
+def test_distributed_one_and_two_workers_agree(tmp_path, ray_cluster):
+    r = _bench("distributed", tmp_path)
+    assert r["agreement"]["largest_principal_angle"] < 1e-3
+    assert abs(r["agreement"]["test_accuracy_diff"]) <= 1 / 359 + 1e-9
+    assert set(r["1"]["wall_seconds"]) == {"sample", "basis", "train"}
+
+
+def test_unknown_benchmark_or_preset_is_one_line(capsys):
+    assert cli.main(["bench", "basis", "--preset", "gpu"]) == 1
+    assert capsys.readouterr().err.strip().startswith("dldr: error: basis has no preset 'gpu'; use one of")
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "step", "--preset", "gpu"]) == 1
+        assert capsys.readouterr().err.strip() == ("dldr: error: --preset gpu needs a CUDA GPU and torch sees none; "
+                                                   "use --preset cpu")
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "nope"])
+    assert set(BENCHMARKS) == {"wallclock", "label_noise", "step", "basis", "distributed"}
+
+
+def test_gpu_presets_are_valid_configurations():
+    """The gpu presets cannot run here; their keys, values and models must still be right."""
+    for setting in methods.PRESETS["gpu"]:
+        Config.from_dict({**setting.common, **setting.dldr, "model": setting.model, "data": setting.data})
+        assert timm.is_model(setting.model)
+    for setting in step.PRESETS["gpu"]:
+        Config.from_dict(setting.config)
+        assert timm.is_model(setting.config["model"])
