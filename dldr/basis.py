@@ -106,20 +106,24 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
     stop = threading.Event()
     done = object()
 
+    def offer(entry: tuple[Any, BaseException | None]) -> bool:
+        """Queue ``entry`` unless the consumer has stopped listening."""
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((item, None)):
                     return
-            slots.put((done, None))
+            offer((done, None))
         except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-            slots.put((done, e))
+            offer((done, e))
 
     thread = threading.Thread(target=produce, daemon=True, name="dldr-prefetch")
     thread.start()
@@ -181,7 +185,7 @@ def write_shard(store: RunStore, rank: int, num_shards: int, rels: list[str], co
     t = len(rels)
     length = store.manifest[rels[0]]["shape"][0]
     gram_p, proj = np.zeros((dim, dim)), np.zeros((dim, t)) if project else None
-    with store.array_writer(basis_path(rank, num_shards), (length,  dim), np.float32) as out_p, \
+    with store.array_writer(basis_path(rank, num_shards), (length, dim), np.float32) as out_p, \
             store.array_writer(mean_path(rank, num_shards), (length,), np.float32) as out_m:
         for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
             mean, centred = _centred(block, np.float32)

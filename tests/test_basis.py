@@ -85,3 +85,27 @@ def test_corrupt_and_missing_snapshots_are_named(store):
     with pytest.raises(DldrError, match=f"{victim} is missing"):
         build_basis(store, 2)
     assert not store.files("basis/")
+
+
+def test_prefetched_hands_over_items_and_errors_and_stops_early():
+    from dldr.basis import prefetched
+
+    assert list(prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise DldrError("bad block")
+
+    with pytest.raises(DldrError, match="bad block"):
+        list(prefetched(failing()))
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(len(produced))
+            yield produced[-1]
+
+    items = prefetched(endless(), depth=2)
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()  # the consumer stops: the producer stops too instead of blocking forever
+    assert len(produced) <= 3 + 2 + 1
