@@ -62,15 +62,18 @@ def run_methods(setting: Setting, seed: int, noise: float, work: Path) -> dict[s
             "workers": 0}
     out: dict[str, Outcome] = {}
 
-    sgd = phases.start_run(Config.from_dict({**base, "run_dir": str(work / "sgd"), "snapshot_every": 0,
-                                             "sample_epochs": setting.sgd_epochs}), progress=False)
-    result = phases.sample(sgd)
+    def sgd_run(name: str, **keys: Any) -> phases.Run:
+        """Phase 1 alone for the full budget, a snapshot per epoch."""
+        run = phases.start_run(Config.from_dict({**base, **keys, "run_dir": str(work / name), "snapshot_every": 0,
+                                                 "sample_epochs": setting.sgd_epochs}), progress=False)
+        phases.sample(run)
+        return run
+
+    sgd = sgd_run("sgd")
+    result = sgd.log.summary["phases"]["sample"]
     out["sgd"] = Outcome(result["test_accuracy"], setting.sgd_epochs, result["seconds"], _curve(sgd, "sample"))
 
-    early = phases.start_run(Config.from_dict({**base, "run_dir": str(work / "sgd_early"), "snapshot_every": 0,
-                                               "sample_epochs": setting.sgd_epochs, "holdout": setting.holdout}),
-                             progress=False)
-    phases.sample(early)
+    early = sgd_run("sgd_early", holdout=setting.holdout)
     records = [r for r in early.log.records if r["phase"] == "sample"]
     best = max(records, key=lambda r: (r["val_accuracy"], -r["epoch"]))  # the earliest of the best
     out["sgd_early"] = Outcome(best["test_accuracy"], best["epoch"], best["seconds"],

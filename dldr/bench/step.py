@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from dldr import phases
 from dldr.bench import report
 from dldr.config import Config
+from dldr.data import DataSource
 from dldr.params import trainable
 
 OPTIMIZERS = ("sgd", "psgd", "pbfgs")
@@ -87,10 +88,10 @@ class _Contender:
         return self.opt.state[self.opt.param_groups[0]["params"][0]].get("trials", 0)
 
 
-def _contender(run: phases.Run, name: str) -> _Contender:
+def _contender(run: phases.Run, data: DataSource, name: str) -> _Contender:
     """A model at the run's w_start and optimizer ``name`` over it, its projections timed."""
     cfg = run.cfg
-    model = phases.build_model(run, phases.load_data(cfg))
+    model = phases.build_model(run, data)
     subspace = phases.load_subspace(run, model)  # sets the model to w_start
     model.train()
     timer = Timer(run.device)
@@ -104,10 +105,11 @@ def _contender(run: phases.Run, name: str) -> _Contender:
     return _Contender(model, opt, timer)
 
 
-def _steps(run: phases.Run, batches: list[tuple[torch.Tensor, torch.Tensor]], warmup: int) -> dict[str, Any]:
+def _steps(run: phases.Run, data: DataSource, batches: list[tuple[torch.Tensor, torch.Tensor]],
+           warmup: int) -> dict[str, Any]:
     """Every optimizer takes the same steps, interleaved batch by batch so that the machine's
     ups and downs fall on all of them alike; the first ``warmup`` steps are not timed."""
-    contenders = {name: _contender(run, name) for name in OPTIMIZERS}
+    contenders = {name: _contender(run, data, name) for name in OPTIMIZERS}
     for i, (x, y) in enumerate(batches):
         for c in contenders.values():
             if i == warmup:
@@ -144,7 +146,7 @@ def run(preset: str, work: Path) -> tuple[dict, dict, str, Figure]:
                         for x, y in data.train_batches(cfg.train_batch_size, cfg.seed + 1, epoch)]
             epoch += 1
         batches = batches[:setting.warmup + setting.steps]
-        r = _steps(dldr, batches, setting.warmup)
+        r = _steps(dldr, data, batches, setting.warmup)
         sgd, pbfgs = r["sgd"]["seconds_per_step"], r["pbfgs"]
         floor = pbfgs["breakdown"]["forward_backward"] + pbfgs["trial_forward_seconds"]
         r["ratios"] = {"pbfgs_over_sgd": pbfgs["seconds_per_step"] / sgd,
