@@ -2,39 +2,53 @@
 
 With W = [w_1 - m, ..., w_t - m] the centred snapshot matrix (D x t), the top-d eigenpairs
 (sigma_i^2, v_i) of the t x t Gram W^T W give the top-d left singular vectors of W:
-u_i = W v_i / sigma_i. W is never formed: each parameter shard r streams its snapshot files in
-row blocks, so a block holds every snapshot of its rows and is centred exactly there (this
-avoids the cancellation of centring the raw Gram afterwards), and the Gram is summed in
-float64. The shards' t x t Grams are summed, ``eigh`` runs once in float64, and each shard
-writes its slice P_r of the basis in a second streamed pass, in float32 (P's own precision).
-A background thread reads and checksums the next block while the current one is computed.
-Peak memory per shard: a few blocks of rows x t, plus t x t.
+u_i = W v_i / sigma_i. W is never formed, and phase 2 reads each snapshot file once: each
+parameter shard r streams its files in row blocks (a block holds every snapshot of its rows),
+subtracts each row's first snapshot (exact in float32 for weights that move less than their
+size), and sums the Gram of that (see GRAM_CHUNK_ROWS). Shifting a row by a constant leaves J G J
+unchanged (J = I - 11^T/t centres, J 1 = 0), so the driver sums the shards' Grams, centres them and
+runs ``eigh`` once in float64, without the cancellation of centring a Gram of the raw weights.
+
+What phase 2 stores is C = V_d diag(1/sigma) (t x d), not P: P = W C holds d/t of the snapshots'
+bytes, so writing it and reading it back would cost more than the Gram pass itself. Phase 3's
+rank r forms its own rows P_r = (W_r - m_r 1^T) C from its snapshot slice as it starts
+(``basis_rows``), in float32, P's precision. A random basis is seeded Gaussian rows drawn in fixed
+global row blocks, so any rank can draw its own rows; phase 2 draws them along the same pass, for
+their column norms and the variance they capture.
+
+A background thread reads the next block while the current one is computed, and another checksums
+what was read. Peak memory per shard: a few blocks of t x rows, plus t x t.
 
 The per-shard passes are plain functions ``fn(store, *args)``; ``build_basis`` hands them to a
 ``ShardMap``, which runs them one after another here or as Ray tasks next to the shards.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 
 from dldr.errors import DldrError
-from dldr.store import RunStore, basis_path, mean_path
+from dldr.store import RunStore
 
-BLOCK_BYTES = 64 << 20
+BLOCK_BYTES = 128 << 20  # a block of float32 snapshot rows: 2.2 MB of each file at t = 60
+RANDOM_BLOCK_ROWS = 1 << 14
+# The Gram is summed in float64 over chunks of this many rows, each a float32 product: twice as fast
+# as float64 and, for a chunk this short, accurate to about 1e-6 of the Gram's scale.
+GRAM_CHUNK_ROWS = 1 << 13
+COEFFICIENTS, SCALE, REPORT = "basis/coefficients.npy", "basis/scale.npy", "basis/report.json"
 ORTHONORMALITY_TOL = 1e-3
 # Eigenvalues below this fraction of the largest are rounding, not directions of the trajectory.
 RANK_RTOL = 1e-10
 
 T = TypeVar("T")
-# (centred block, t x rows float32; shard rank) -> the block's rows of P, rows x d float32
-ColumnFn = Callable[[np.ndarray, int], np.ndarray]
 # (fn, [args of shard 0, args of shard 1, ...]) -> [fn(store, *args) for each shard], in order
 ShardMap = Callable[[Callable[..., Any], list[tuple]], list[Any]]
 
@@ -54,6 +68,7 @@ def sequential(store: RunStore, on_pass: Callable[[], object] = lambda: None) ->
 class BasisReport:
     kind: str
     dim: int
+    seed: int
     num_snapshots: int
     num_params: int
     num_shards: int
@@ -66,14 +81,15 @@ class BasisReport:
 
 
 def block_rows(num_snapshots: int, block_bytes: int = BLOCK_BYTES) -> int:
-    return max(1, block_bytes // (8 * num_snapshots))
+    return max(1, block_bytes // (4 * num_snapshots))
 
 
-def snapshot_blocks(store: RunStore, rels: list[str], rows: int) -> Iterator[np.ndarray]:
-    """Yield t x rows float32 blocks of one shard's snapshots: row i of a block is snapshot i.
+def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | None = None) -> Iterator[np.ndarray]:
+    """Yield read-only t x rows float32 blocks of ``span`` of one shard's rows: row i of a block is snapshot i.
 
-    A background thread reads (and checksums) the next block while the caller computes on
-    this one. The checksums of all files are verified once the last block has been read.
+    One thread reads the next block straight into place while the caller computes on this one;
+    another feeds what was read to the checksums (sha256 runs at about the disk's speed, so it gets
+    its own core). Every file is read to its end, and its checksum verified, after the span's last block.
     """
     readers = []
     try:
@@ -84,13 +100,23 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int) -> Iterator[np.
             if reader.shape != length or len(length) != 1:
                 raise DldrError(f"{store.abspath(reader.rel)} has shape {reader.shape}, expected {length} "
                                 "like the other snapshots of its shard; re-run `dldr sample`")
+        span = span or slice(0, length[0])
 
         def read() -> Iterator[np.ndarray]:
-            for start in range(0, length[0], rows):
-                block = np.empty((len(readers), min(rows, length[0] - start)), dtype=np.float32)
-                for i, reader in enumerate(readers):
-                    block[i] = reader.read(block.shape[1])
-                yield block
+            with ThreadPoolExecutor(1, thread_name_prefix="dldr-sha256") as hasher:
+                hashing: collections.deque[Future] = collections.deque()
+                for reader in readers:
+                    reader.skip(span.start)
+                for start in range(span.start, span.stop, rows):
+                    block = np.empty((len(readers), min(rows, span.stop - start)), dtype=np.float32)
+                    updates = [reader.read_into(row) for reader, row in zip(readers, block, strict=True)]
+                    block.flags.writeable = False  # the checksums read it after it is handed on
+                    hashing.append(hasher.submit(lambda u=updates: [update() for update in u]))
+                    while len(hashing) > 2:  # bounds the blocks held for hashing
+                        hashing.popleft().result()
+                    yield block
+                for future in hashing:
+                    future.result()
             for reader in readers:
                 reader.finish()
 
@@ -140,101 +166,73 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
         thread.join()
 
 
-def _centred(block: np.ndarray, dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """(row means in float64, the block centred on them in ``dtype``): each column is one parameter."""
-    mean = block.mean(axis=0, dtype=np.float64)
-    return mean, np.subtract(block, mean.astype(dtype), dtype=dtype)
+def random_rows(rows: slice, dim: int, seed: int) -> np.ndarray:
+    """Rows ``rows`` of the unnormalised random basis: global block k of rows is drawn from the stream (seed, k)."""
+    first, last = rows.start // RANDOM_BLOCK_ROWS, (rows.stop - 1) // RANDOM_BLOCK_ROWS
+    draws = np.concatenate([np.random.default_rng([seed, k]).standard_normal((RANDOM_BLOCK_ROWS, dim))
+                            for k in range(first, last + 1)])
+    offset = first * RANDOM_BLOCK_ROWS
+    return draws[rows.start - offset:rows.stop - offset]
 
 
-def shard_gram(store: RunStore, rels: list[str], block_bytes: int = BLOCK_BYTES) -> np.ndarray:
-    """The centred Gram W_r^T W_r (t x t) of one shard, centred and summed in float64."""
+@dataclass
+class ShardSums:
+    """What one read of a shard contributes: the Gram of its shifted snapshots S_r (t x t) and,
+    for a random basis R, R_r^T R_r (d x d) and R_r^T S_r (d x t)."""
+    gram: np.ndarray
+    rtr: np.ndarray | None = None
+    rts: np.ndarray | None = None
+
+
+def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: str, seed: int,
+               block_bytes: int = BLOCK_BYTES) -> ShardSums:
+    """Read one shard's snapshots (whose first row is parameter ``offset``) once, summing in float64."""
     t = len(rels)
-    gram = np.zeros((t, t))
+    sums = ShardSums(np.zeros((t, t)))
+    if kind == "random":
+        sums.rtr, sums.rts = np.zeros((dim, dim)), np.zeros((dim, t))
+    row = offset
     for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
-        centred = _centred(block, np.float64)[1]
-        gram += centred @ centred.T
-    return gram
+        r = random_rows(slice(row, row + block.shape[1]), dim, seed) if kind == "random" else None
+        for start in range(0, block.shape[1], GRAM_CHUNK_ROWS):
+            cols = slice(start, start + GRAM_CHUNK_ROWS)
+            shifted = block[:, cols] - block[0, cols]
+            sums.gram += shifted @ shifted.T
+            if r is not None:
+                sums.rtr += r[cols].T @ r[cols]
+                sums.rts += r[cols].T @ shifted.T
+        row += block.shape[1]
+    return sums
+
+
+def check_dim(dim: int, num_snapshots: int) -> None:
+    if dim < 1:
+        raise DldrError(f"--dim must be at least 1, got {dim}")
+    if dim >= num_snapshots:
+        raise DldrError(f"--dim {dim} needs at least {dim + 1} snapshots, the run has {num_snapshots}; sample more "
+                        "(more --sample-epochs or a smaller --snapshot-every) or lower --dim")
 
 
 def decompose(gram: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (descending, all t) and the top-``dim`` eigenvectors of the centred Gram."""
     t = gram.shape[0]
-    if dim < 1:
-        raise DldrError(f"--dim must be at least 1, got {dim}")
-    if dim >= t:
-        raise DldrError(f"--dim {dim} needs at least {dim + 1} snapshots, the run has {t}; sample more "
-                        "(more --sample-epochs or a smaller --snapshot-every) or lower --dim")
+    check_dim(dim, t)
     eigvals, eigvecs = np.linalg.eigh(gram)
     eigvals, eigvecs = np.clip(eigvals[::-1], 0.0, None), eigvecs[:, ::-1]
     rank = int(np.sum(eigvals > RANK_RTOL * eigvals[0])) if eigvals[0] > 0 else 0
     if rank < dim:
         raise DldrError(f"the {t} snapshots span only {rank} directions, fewer than --dim {dim}; "
-                        f"sample a trajectory that moves more (a larger --lr, more snapshots) or use --dim {max(rank, 1)}")
+                        "sample a trajectory that moves more (a larger --lr, more snapshots) "
+                        f"or use --dim {max(rank, 1)}")
     return eigvals, eigvecs[:, :dim]
-
-
-def write_shard(store: RunStore, rank: int, num_shards: int, rels: list[str], columns: ColumnFn,
-                dim: int, block_bytes: int = BLOCK_BYTES, project: bool = False
-                ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stream one shard again, writing its basis slice P_r (D_r x d) and snapshot mean m_r.
-
-    Returns P_r^T P_r (d x d), for the orthonormality check, and with ``project`` P_r^T W_r
-    (d x t), for the variance a basis that is not the trajectory's own captures; the caller
-    sums them over shards. This pass works in float32, the precision P is stored in.
-    """
-    t = len(rels)
-    length = store.manifest[rels[0]]["shape"][0]
-    gram_p, proj = np.zeros((dim, dim)), np.zeros((dim, t)) if project else None
-    with store.array_writer(basis_path(rank, num_shards), (length, dim), np.float32) as out_p, \
-            store.array_writer(mean_path(rank, num_shards), (length,), np.float32) as out_m:
-        for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
-            mean, centred = _centred(block, np.float32)
-            p = columns(centred, rank)
-            out_p.write(p)
-            out_m.write(mean.astype(np.float32))
-            gram_p += p.T @ p
-            if proj is not None:
-                proj += p.T @ centred.T
-    return gram_p, proj
-
-
-def trajectory_columns(eigvals: np.ndarray, eigvecs: np.ndarray) -> ColumnFn:
-    """u_i = W v_i / sigma_i, applied to a centred block (t x rows)."""
-    coeffs = (eigvecs / np.sqrt(eigvals[: eigvecs.shape[1]])).astype(np.float32)
-    return lambda centred, rank: centred.T @ coeffs
-
-
-def random_sq_norms(store: RunStore, rank: int, length: int, dim: int, seed: int, block_bytes: int) -> np.ndarray:
-    """The squared column norms of shard ``rank``'s Gaussian rows, drawn block by block."""
-    rng, rows = np.random.default_rng([seed, rank]), block_rows(dim, block_bytes)
-    sq_norms = np.zeros(dim)
-    for start in range(0, length, rows):
-        sq_norms += np.sum(rng.standard_normal((min(rows, length - start), dim)) ** 2, axis=0)
-    return sq_norms
-
-
-def random_columns(sq_norms: np.ndarray, dim: int, seed: int) -> ColumnFn:
-    """Gaussian columns with unit norm over all shards (Li et al. 2018).
-
-    Each shard draws from its own seeded stream in row order: once in ``random_sq_norms``, to
-    sum the squared column norms across shards, and again here, to emit the normalised rows.
-    """
-    scale = 1.0 / np.sqrt(sq_norms)
-    streams: dict[int, np.random.Generator] = {}
-
-    def columns(centred: np.ndarray, rank: int) -> np.ndarray:
-        rng = streams.setdefault(rank, np.random.default_rng([seed, rank]))
-        return (rng.standard_normal((centred.shape[1], dim)) * scale).astype(np.float32)
-
-    return columns
 
 
 def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int = 0,
                 block_bytes: int = BLOCK_BYTES, map_shards: ShardMap | None = None) -> BasisReport:
-    """Phase 2: sum the shards' Grams, decompose, and have every shard write its basis slice.
+    """Phase 2: one read of every shard, the summed Gram, ``eigh``, and the t x d coefficients of P.
 
     This process only holds t x t and d x t matrices; ``map_shards`` (default: ``sequential``)
-    runs the streamed passes over each shard.
+    runs the streamed pass over each shard.
     """
     start = time.perf_counter()
     map_shards = map_shards or sequential(store)
@@ -242,25 +240,27 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
         raise DldrError(f"unknown subspace {kind!r}; use trajectory or random")
     shards = store.snapshot_shards()
     t = len(shards[0])
-    gram = np.sum(map_shards(shard_gram, [(rels, block_bytes) for rels in shards]), axis=0)
-    eigvals, eigvecs = decompose(gram, dim)
+    check_dim(dim, t)
     lengths = [store.manifest[rels[0]]["shape"][0] for rels in shards]
-    if kind == "trajectory":
-        columns = trajectory_columns(eigvals, eigvecs)
-    else:
-        sq_norms = map_shards(random_sq_norms, [(r, n, dim, seed, block_bytes) for r, n in enumerate(lengths)])
-        columns = random_columns(np.sum(sq_norms, axis=0), dim, seed)
-    parts = map_shards(write_shard, [(rank, len(shards), rels, columns, dim, block_bytes, kind == "random")
-                                     for rank, rels in enumerate(shards)])
-    gram_p = np.sum([p[0] for p in parts], axis=0)
+    offsets = np.cumsum([0, *lengths[:-1]]).tolist()
+    sums = map_shards(shard_pass, [(rels, offset, dim, kind, seed, block_bytes)
+                                   for rels, offset in zip(shards, offsets, strict=True)])
+    centring = np.eye(t) - 1.0 / t
+    gram = centring @ np.sum([s.gram for s in sums], axis=0) @ centring
+    eigvals, eigvecs = decompose(gram, dim)
     if kind == "trajectory":  # span(P) is the top-d eigenspace: its share of the variance
+        coeffs = eigvecs / np.sqrt(eigvals[:dim])
+        applied = coeffs.astype(np.float32).astype(np.float64)  # as ``basis_rows`` applies them
+        gram_p = applied.T @ gram @ applied
         explained = float(eigvals[:dim].sum() / eigvals.sum())
     else:
-        explained = captured_variance(gram_p, np.sum([p[1] for p in parts], axis=0), eigvals)
-    store.save_array("basis/gram.npy", gram)
-    store.save_array("basis/eigvals.npy", eigvals)
+        rtr = np.sum([s.rtr for s in sums], axis=0)
+        scale = 1.0 / np.sqrt(np.diag(rtr))
+        gram_p = scale[:, None] * rtr * scale
+        proj = scale[:, None] * np.sum([s.rts for s in sums], axis=0) @ centring
+        explained = captured_variance(gram_p, proj, eigvals)
     report = BasisReport(
-        kind=kind, dim=dim, num_snapshots=t, num_params=sum(lengths), num_shards=len(shards),
+        kind=kind, dim=dim, seed=seed, num_snapshots=t, num_params=sum(lengths), num_shards=len(shards),
         explained_variance_ratio=explained,
         orthonormality_error=float(np.abs(gram_p - np.eye(dim)).max()),
         seconds=time.perf_counter() - start,
@@ -268,10 +268,51 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
     if kind == "trajectory" and report.orthonormality_error > ORTHONORMALITY_TOL:
         raise DldrError(f"the basis is not orthonormal (max |P^T P - I| = {report.orthonormality_error:.2e}): "
                         "the trajectory is nearly degenerate; lower --dim or sample longer")
-    store.write_json("basis/report.json", report.to_dict())
+    store.remove("basis/")
+    store.save_array("basis/gram.npy", gram)
+    store.save_array("basis/eigvals.npy", eigvals)
+    store.save_array(COEFFICIENTS if kind == "trajectory" else SCALE, coeffs if kind == "trajectory" else scale)
+    store.write_json(REPORT, report.to_dict())  # last: it marks the basis complete
     return report
 
 
 def captured_variance(gram_p: np.ndarray, proj: np.ndarray, eigvals: np.ndarray) -> float:
     """Fraction of the trajectory's variance inside span(P): tr(W^T P (P^T P)^-1 P^T W) / tr(W^T W)."""
     return float(np.trace(proj.T @ np.linalg.solve(gram_p, proj)) / eigvals.sum())
+
+
+def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``rows`` of the basis P and of the snapshot mean m, in float32: what one phase 3 rank holds.
+
+    One read of the snapshot files these rows lie in; for a trajectory basis, P's rows are the
+    centred snapshot rows times the stored coefficients C.
+    """
+    if not store.exists(REPORT):
+        raise DldrError(f"{store.url} has no basis; run `dldr basis --run-dir {store.url}` first")
+    report = store.read_json(REPORT)
+    kind, dim = report["kind"], report["dim"]
+    if rows.stop > report["num_params"]:
+        raise DldrError(f"the run's snapshots have {report['num_params']} parameters but the model has "
+                        f"{rows.stop}; train with the --model and --data the run was sampled with")
+    coeffs = store.load_array(COEFFICIENTS).astype(np.float32) if kind == "trajectory" else None
+    scale = store.load_array(SCALE) if kind == "random" else None
+    p = np.empty((rows.stop - rows.start, dim), dtype=np.float32)
+    mean = np.empty(rows.stop - rows.start, dtype=np.float32)
+    offset = 0
+    for rels in store.snapshot_shards():
+        length = store.manifest[rels[0]]["shape"][0]
+        lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
+        if lo < hi:
+            for block in snapshot_blocks(store, rels, block_rows(len(rels), block_bytes),
+                                         slice(lo - offset, hi - offset)):
+                for start in range(0, block.shape[1], GRAM_CHUNK_ROWS):
+                    chunk = block[:, start:start + GRAM_CHUNK_ROWS]
+                    at = slice(lo - rows.start, lo - rows.start + chunk.shape[1])
+                    mean[at] = chunk.mean(axis=0, dtype=np.float64)
+                    if coeffs is None:
+                        p[at] = random_rows(slice(lo, lo + chunk.shape[1]), dim, report["seed"]) * scale
+                    else:  # 1^T C = 0, so shifting by the first snapshot instead of the mean changes nothing
+                        np.matmul((chunk - chunk[0]).T, coeffs, out=p[at])
+                    lo += chunk.shape[1]
+        offset += length
+    return p, mean

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dldr import data as datasets
 from dldr import models, plots
-from dldr.basis import ShardMap, build_basis, sequential
+from dldr.basis import REPORT, ShardMap, basis_rows, build_basis, sequential
 from dldr.comm import Comm, LocalComm
 from dldr.config import Config
 from dldr.errors import DldrError
@@ -288,10 +288,9 @@ def _epoch_metrics(run: Run, model: nn.Module, data: datasets.DataSource, losses
 
 
 def basis(run: Run) -> dict[str, Any]:
-    """Phase 2: the d-dimensional basis of the trajectory (or a random one), sharded like the snapshots."""
+    """Phase 2: the d-dimensional basis of the trajectory (or a random one), from one read of the snapshots."""
     cfg, store = run.cfg, run.store
-    passes = (2 if cfg.subspace == "trajectory" else 3) * len(store.snapshot_shards())
-    with run.bar("basis", passes) as bar:
+    with run.bar("basis", len(store.snapshot_shards())) as bar:
         report = build_basis(store, cfg.dim, cfg.subspace, cfg.seed,
                              map_shards=run.shard_map(store, bar.update))
     run.log.begin("basis")
@@ -324,8 +323,6 @@ def _rows(store: RunStore, files: list[str], rows: slice) -> np.ndarray:
 
 
 def _start_point(store: RunStore, how: str, rows: slice) -> np.ndarray:
-    if how == "mean":
-        return _rows(store, store.files("basis/mean-shard-"), rows)
     index = 0 if how == "first" else -1
     return _rows(store, [files[index] for files in store.snapshot_shards()], rows)
 
@@ -368,10 +365,10 @@ def make_optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.o
     return PSGD(params, subspace, lr=cfg.subspace_lr, momentum=cfg.momentum)
 
 
-def _fingerprint(cfg: Config, store: RunStore, basis_files: list[str]) -> str:
+def _fingerprint(cfg: Config, store: RunStore) -> str:
     """What phase 3 depends on; a saved state resumes only under the same fingerprint."""
     keys = {k: getattr(cfg, k) for k in TRAIN_KEYS}
-    keys["basis"] = [store.manifest[rel]["sha256"] for rel in basis_files]
+    keys["basis"] = [store.manifest[rel]["sha256"] for rel in store.files("basis/")]
     return json.dumps(keys, sort_keys=True)
 
 
@@ -384,20 +381,24 @@ def _saved_state(run: Run, fingerprint: str) -> dict[str, Any] | None:
 
 
 def load_subspace(run: Run, model: nn.Module) -> Subspace:
-    """The run's subspace for this rank (its rows P_r of the basis), with ``model`` set to w_start."""
+    """The run's subspace for this rank (its rows P_r of the basis, formed from its snapshot rows),
+    with ``model`` set to w_start."""
     cfg, store, comm = run.cfg, run.store, run.comm
-    basis_files = store.files("basis/shard-")
-    if not basis_files:
+    if not store.exists(REPORT):
         raise DldrError(f"{cfg.run_dir} has no basis; run `dldr basis --run-dir {cfg.run_dir}` first")
     flat = FlatParams(trainable(model))
-    stored = sum(store.manifest[rel]["shape"][0] for rel in basis_files)
+    stored = store.read_json(REPORT)["num_params"]
     if stored != flat.numel:
         raise DldrError(f"the run's snapshots have {stored} parameters but {cfg.model} on {cfg.data} "
                         f"has {flat.numel}; train with the --model and --data the run was sampled with")
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
-    basis_rows = torch.from_numpy(_rows(store, basis_files, shard)).to(run.device)
-    flat.set(torch.from_numpy(_start_point(store, cfg.start, slice(0, flat.numel))).to(run.device))
-    return Subspace(basis_rows, shard, comm)
+    rows, mean = basis_rows(store, shard)
+    if cfg.start == "mean":
+        start = comm.all_gather_cat(torch.from_numpy(mean).to(run.device))
+    else:
+        start = torch.from_numpy(_start_point(store, cfg.start, slice(0, flat.numel))).to(run.device)
+    flat.set(start)
+    return Subspace(torch.from_numpy(rows).to(run.device), shard, comm)
 
 
 def train(run: Run) -> dict[str, Any]:
@@ -411,9 +412,8 @@ def train(run: Run) -> dict[str, Any]:
     data = load_data(cfg)
     model = build_model(run, data)
     subspace = load_subspace(run, model)
-    basis_files = store.files("basis/shard-")
     opt = make_optimizer(cfg, model, subspace)
-    fingerprint = _fingerprint(cfg, store, basis_files)
+    fingerprint = _fingerprint(cfg, store)
     saved = _saved_state(run, fingerprint)
     first_epoch = 1
     if saved is not None:

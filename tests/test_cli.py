@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from dldr import data as datasets
 from dldr import models, phases
+from dldr.basis import basis_rows
 from dldr.cli import main
 from dldr.params import FlatParams, trainable
 from dldr.phases import evaluate, open_run
@@ -42,13 +43,14 @@ def test_fit_writes_the_run_directory(small_run):
     steps = 3 * 11  # 1438 training digits in batches of 128
     snapshots = [f"snapshots/shard-00000-of-00001/step-{s:06d}.npy" for s in range(steps + 1)]
     assert store.files("snapshots/") == snapshots
-    for rel in ["config.yaml", "basis/shard-00000-of-00001.npy", "basis/eigvals.npy", "model.safetensors",
+    for rel in ["config.yaml", "basis/coefficients.npy", "basis/eigvals.npy", "model.safetensors",
                 "metrics.jsonl", "summary.json", "plots/curves.png", "plots/explained_variance.png"]:
         assert store.exists(rel), rel
     num_params = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     snapshot = store.load_array(snapshots[5])
     assert snapshot.shape == (num_params,) and snapshot.dtype == np.float32
-    basis = store.load_array("basis/shard-00000-of-00001.npy")
+    assert store.load_array("basis/coefficients.npy").shape == (steps + 1, 8)
+    basis = basis_rows(store, slice(0, num_params))[0]
     assert basis.shape == (num_params, 8) and basis.dtype == np.float32
     np.testing.assert_allclose(basis.T.astype(np.float64) @ basis, np.eye(8), atol=1e-4)
     assert store.read_bytes("plots/curves.png").startswith(b"\x89PNG")
@@ -73,9 +75,9 @@ def test_fit_writes_the_run_directory(small_run):
 
 def test_the_trained_model_lies_in_the_affine_subspace(small_run):
     store = RunStore(small_run)
-    basis = store.load_array("basis/shard-00000-of-00001.npy").astype(np.float64)
-    start = store.load_array("basis/mean-shard-00000-of-00001.npy").astype(np.float64)  # --start mean
     model = models.create("mlp", 10, (1, 8, 8))
+    start = np.stack([store.load_array(rel) for rel in store.files("snapshots/")]).mean(axis=0)  # --start mean
+    basis = basis_rows(store, slice(0, len(start)))[0].astype(np.float64)
     model.load_state_dict(load_file(store.abspath("model.safetensors")))
     w = FlatParams(trainable(model)).get().numpy().astype(np.float64)
     offset = w - start
@@ -93,7 +95,7 @@ def test_phases_rerun_on_an_existing_run(small_run, tmp_path):
     assert main(["train", "--run-dir", run_dir, "--optimizer", "psgd", "--start", "first", "--quiet"]) == 0
     store = RunStore(run_dir)
     assert {rel: store.manifest[rel]["sha256"] for rel in store.files("snapshots/")} == snapshots
-    assert store.load_array("basis/shard-00000-of-00001.npy").shape[1] == 4
+    assert store.load_array("basis/coefficients.npy").shape[1] == 4
     summary = store.read_json("summary.json")
     assert summary["phases"]["basis"]["dim"] == 4 and summary["phases"]["train"]["optimizer"] == "psgd"
     assert "dim: 4" in store.read_bytes("config.yaml").decode()
@@ -108,7 +110,7 @@ def test_phase_by_phase_equals_fit(small_run, tmp_path):
     assert main(["basis", "--run-dir", run_dir, "--quiet"]) == 0
     assert main(["train", "--run-dir", run_dir, "--quiet"]) == 0
     stepwise, fitted = RunStore(run_dir), RunStore(small_run)
-    for rel in fitted.files("snapshots/") + ["basis/shard-00000-of-00001.npy", "model.safetensors"]:
+    for rel in fitted.files("snapshots/") + ["basis/coefficients.npy", "model.safetensors"]:
         assert stepwise.manifest[rel]["sha256"] == fitted.manifest[rel]["sha256"], rel
 
 

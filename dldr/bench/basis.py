@@ -5,11 +5,13 @@ writes them (sharded .npy files with checksums in the manifest). For 1 and 2 sha
 these runs in a fresh process, after the page cache was dropped when the machine allows it:
 
 read      every snapshot file read once, front to back: the floor of any phase 2
-streamed  ``dldr.basis.build_basis``, as `dldr basis` runs it (row blocks, Gram, eigh, P)
+streamed  ``dldr.basis.build_basis``, as `dldr basis` runs it (one read: row blocks, Gram, eigh)
+rows      ``dldr.basis.basis_rows`` for rank 0: P_0 formed from its snapshot rows, as phase 3 starts
 naive     all snapshots stacked in RAM (t x D), centred, one dense SVD, P written as one file
 
-Peak memory is the peak resident set of each process; the two bases are compared by their
-largest principal angle.
+read and streamed run ``repeats`` times, alternating, and report the median: a cold read on a
+shared virtual disk varies by 20-30% from one run to the next. Peak memory is the peak resident
+set of each process; the two bases are compared by their largest principal angle.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import scipy.linalg
 from matplotlib.figure import Figure
 
-from dldr.basis import build_basis
+from dldr.basis import basis_rows, build_basis
 from dldr.bench import report
 from dldr.store import RunStore, snapshot_path
 
@@ -33,13 +35,18 @@ class Preset:
     num_snapshots: int
     dim: int
     shards: tuple[int, ...] = (1, 2)
+    repeats: int = 3
     seed: int = 0
 
 
 PRESETS = {
     "cpu": Preset(num_params=25_600_000, num_snapshots=60, dim=40),  # ResNet-50: 25.6M, ~6 GB
-    "smoke": Preset(num_params=20_000, num_snapshots=12, dim=4),
+    "smoke": Preset(num_params=20_000, num_snapshots=12, dim=4, repeats=1),
 }
+
+
+STEPS = {"read": "one read", "streamed": "phase 2: streamed", "rows": "phase 3 start: P_0 of rank 0",
+         "naive": "naive: stack + SVD"}
 
 
 def write_walk(url: str, preset: Preset, num_shards: int) -> None:
@@ -84,6 +91,14 @@ def streamed(url: str, dim: int) -> dict[str, Any]:
     return {"report": build_basis(RunStore(url), dim).to_dict()}
 
 
+def rank_rows(url: str, num_shards: int) -> dict[str, Any]:
+    from dldr.params import shard_slices
+
+    store = RunStore(url)
+    rows = shard_slices(store.read_json("basis/report.json")["num_params"], num_shards)[0]
+    return {"rows": rows.stop - rows.start, "bytes": int(basis_rows(store, rows)[0].nbytes)}
+
+
 def naive(url: str, dim: int, out: str) -> dict[str, Any]:
     """Stack every snapshot in RAM, centre, one dense SVD; write P (D x d) as one file."""
     store = RunStore(url)
@@ -99,15 +114,12 @@ def naive(url: str, dim: int, out: str) -> dict[str, Any]:
 
 def largest_angle(url: str, naive_file: str, block: int = 1 << 20) -> float:
     """The largest principal angle between the streamed basis and the naive one, read block by block."""
-    store = RunStore(url)
-    ours = [np.load(store.abspath(rel), mmap_mode="r", allow_pickle=False) for rel in store.files("basis/shard-")]
     theirs = np.load(naive_file, mmap_mode="r", allow_pickle=False)
-    cross, offset = 0.0, 0
-    for part in ours:
-        for start in range(0, part.shape[0], block):
-            a = np.asarray(part[start:start + block], dtype=np.float64)
-            cross = cross + a.T @ np.asarray(theirs[offset + start:offset + start + len(a)], dtype=np.float64)
-        offset += part.shape[0]
+    ours = basis_rows(RunStore(url), slice(0, len(theirs)))[0]
+    cross = 0.0
+    for start in range(0, len(ours), block):
+        a = np.asarray(ours[start:start + block], dtype=np.float64)
+        cross = cross + a.T @ np.asarray(theirs[start:start + len(a)], dtype=np.float64)
     cosines = np.linalg.svd(cross, compute_uv=False)
     return float(np.arccos(np.clip(cosines.min(), -1.0, 1.0)))
 
@@ -122,14 +134,20 @@ def run(preset_name: str, work: Path) -> tuple[dict, dict, str, Figure]:
         print(f"{num_shards} shard(s): wrote {preset.num_snapshots} snapshots of {preset.num_params:,} "
               f"parameters in {time.perf_counter() - start:.0f} s", flush=True)
         row: dict[str, Any] = {}
-        for name, fn, args in (("read", read_once, (url,)), ("streamed", streamed, (url, preset.dim)),
-                               ("naive", naive, (url, preset.dim, str(work / "naive-basis.npy")))):
+        runs: dict[str, list[dict[str, Any]]] = {}
+        steps = [("read", read_once, (url,)), ("streamed", streamed, (url, preset.dim))] * preset.repeats
+        steps += [("rows", rank_rows, (url, num_shards)),
+                  ("naive", naive, (url, preset.dim, str(work / "naive-basis.npy")))]
+        for name, fn, args in steps:
             cold = drop_page_cache()
-            row[name] = {**report.in_fresh_process(fn, *args), "cold_cache": cold}
-            print(f"  {name:9s} {row[name]['seconds']:7.1f} s, peak RSS {row[name]['peak_rss_bytes'] / 2**30:6.2f} GiB"
+            measured = {**report.in_fresh_process(fn, *args), "cold_cache": cold}
+            runs.setdefault(name, []).append(measured)
+            print(f"  {name:9s} {measured['seconds']:7.1f} s, peak RSS {measured['peak_rss_bytes'] / 2**30:6.2f} GiB"
                   f"{'' if cold else ' (page cache not dropped)'}", flush=True)
-            if name == "read":  # again, now that the files are in the page cache
-                row["read_warm"] = report.in_fresh_process(read_once, url)
+        for name, measured in runs.items():  # the run of median time
+            row[name] = sorted(measured, key=lambda m: m["seconds"])[len(measured) // 2]
+            row[f"{name}_seconds_each"] = [m["seconds"] for m in measured]
+        row["read_warm"] = report.in_fresh_process(read_once, url)
         row["largest_principal_angle"] = largest_angle(url, str(work / "naive-basis.npy"))
         eigvals = np.array(row["naive"].pop("eigvals"))
         stored = np.load(RunStore(url).abspath("basis/eigvals.npy"), allow_pickle=False)
@@ -148,14 +166,18 @@ def _markdown(preset: Preset, results: dict[str, Any]) -> str:
     gib = 2**30
     rows = []
     for shards, r in results.items():
-        for name in ("read", "streamed", "naive"):
+        for name, label in STEPS.items():
             m = r[name]
-            rows.append([shards, name, f"{m['seconds']:.1f}", f"{m['peak_rss_bytes'] / gib:.2f}",
+            each = " ".join(f"{x:.1f}" for x in r[f"{name}_seconds_each"])
+            rows.append([shards, label, f"{m['seconds']:.1f}", each, f"{m['peak_rss_bytes'] / gib:.2f}",
                          f"{(m['peak_rss_bytes'] - m['rss_before_bytes']) / gib:.2f}"])
     text = (f"D = {preset.num_params:,} parameters, t = {preset.num_snapshots} snapshots "
             f"({next(iter(results.values()))['snapshot_bytes'] / gib:.2f} GiB of float32 files), d = {preset.dim}; "
-            "each step in a fresh process after dropping the page cache.\n\n")
-    text += report.table(["shards", "step", "seconds", "peak RSS GiB", "above the process's start GiB"], rows)
+            f"each step in a fresh process after dropping the page cache; read and phase 2 {preset.repeats} times, "
+            "alternating. Phase 2 reads the snapshots once and stores t x d coefficients; each phase 3 rank "
+            "forms its rows of P from its snapshot rows as it starts (the `rows` step, rank 0 of N).\n\n")
+    text += report.table(["shards", "step", "seconds (median)", "each run", "peak RSS GiB",
+                          "above the process's start GiB"], rows)
     text += "\n" + report.table(
         ["shards", "streamed / one read (time)", "streamed / naive (peak memory)", "one read, warm cache (s)",
          "largest principal angle", "max rel. eigenvalue diff"],
@@ -167,14 +189,14 @@ def _markdown(preset: Preset, results: dict[str, Any]) -> str:
 def _figure(results: dict[str, Any]) -> Figure:
     fig = Figure(figsize=(9, 3.5))
     ax_t, ax_m = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    names = ("read", "streamed", "naive")
+    names = tuple(STEPS)
     x = np.arange(len(names))
     width = 0.8 / len(results)
     for i, (shards, r) in enumerate(results.items()):
         ax_t.bar(x + i * width, [r[n]["seconds"] for n in names], width, label=f"{shards} shard(s)")
         ax_m.bar(x + i * width, [r[n]["peak_rss_bytes"] / 2**30 for n in names], width, label=f"{shards} shard(s)")
     for ax, label in ((ax_t, "seconds"), (ax_m, "peak resident memory (GiB)")):
-        ax.set_xticks(x + width * (len(results) - 1) / 2, names)
+        ax.set_xticks(x + width * (len(results) - 1) / 2, [STEPS[n].split(":")[0] for n in names])
         ax.set_ylabel(label)
         ax.legend()
         ax.grid(alpha=0.3, axis="y")

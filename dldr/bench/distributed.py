@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dldr import phases
+from dldr.basis import basis_rows
 from dldr.bench import report
 from dldr.config import Config
 from dldr.store import RunStore
@@ -28,7 +29,7 @@ WORKERS = (1, 2)
 
 
 def _basis(store: RunStore) -> np.ndarray:
-    return np.concatenate([store.load_array(rel) for rel in store.files("basis/shard-")])
+    return basis_rows(store, slice(0, store.read_json("basis/report.json")["num_params"]))[0]
 
 
 def run(preset: str, work: Path) -> tuple[dict, dict, str, Figure]:
