@@ -4,10 +4,10 @@ With W = [w_1 - m, ..., w_t - m] the centred snapshot matrix (D x t), the top-d 
 (sigma_i^2, v_i) of the t x t Gram W^T W give the top-d left singular vectors of W:
 u_i = W v_i / sigma_i. W is never formed, and phase 2 reads each snapshot file once: each
 parameter shard r streams its files in row blocks (a block holds every snapshot of its rows),
-subtracts each row's first snapshot (exact in float32 for weights that move less than their
-size), and sums the Gram of that (see GRAM_CHUNK_ROWS). Shifting a row by a constant leaves J G J
-unchanged (J = I - 11^T/t centres, J 1 = 0), so the driver sums the shards' Grams, centres them and
-runs ``eigh`` once in float64, without the cancellation of centring a Gram of the raw weights.
+subtracts each row's first snapshot (exactly, in float64), and sums the Gram of that in float64.
+Shifting a row by a constant leaves J G J unchanged (J = I - 11^T/t centres, J 1 = 0), so the
+driver sums the shards' Grams, centres them and runs ``eigh`` once in float64, without the
+cancellation of centring a Gram of the raw weights.
 
 What phase 2 stores is C = V_d diag(1/sigma) (t x d), not P: P = W C holds d/t of the snapshots'
 bytes, so writing it and reading it back would cost more than the Gram pass itself. Phase 3's
@@ -40,9 +40,10 @@ from dldr.store import RunStore
 
 BLOCK_BYTES = 128 << 20  # a block of float32 snapshot rows: 2.2 MB of each file at t = 60
 RANDOM_BLOCK_ROWS = 1 << 14
-# The Gram is summed in float64 over chunks of this many rows, each a float32 product: twice as fast
-# as float64 and, for a chunk this short, accurate to about 1e-6 of the Gram's scale.
-GRAM_CHUNK_ROWS = 1 << 13
+# Rows per float64 Gram product: a chunk stays in cache from the subtraction to the product. (float32
+# products are twice as fast but lose a real trajectory's trailing directions: their eigenvalues
+# lie 1e-6 and more below the largest.)
+GRAM_CHUNK_ROWS = 1 << 11
 COEFFICIENTS, SCALE, REPORT = "basis/coefficients.npy", "basis/scale.npy", "basis/report.json"
 ORTHONORMALITY_TOL = 1e-3
 # Eigenvalues below this fraction of the largest are rounding, not directions of the trajectory.
@@ -196,7 +197,7 @@ def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: st
         r = random_rows(slice(row, row + block.shape[1]), dim, seed) if kind == "random" else None
         for start in range(0, block.shape[1], GRAM_CHUNK_ROWS):
             cols = slice(start, start + GRAM_CHUNK_ROWS)
-            shifted = block[:, cols] - block[0, cols]
+            shifted = np.subtract(block[:, cols], block[0, cols], dtype=np.float64)
             sums.gram += shifted @ shifted.T
             if r is not None:
                 sums.rtr += r[cols].T @ r[cols]
@@ -311,8 +312,8 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> 
                     mean[at] = chunk.mean(axis=0, dtype=np.float64)
                     if coeffs is None:
                         p[at] = random_rows(slice(lo, lo + chunk.shape[1]), dim, report["seed"]) * scale
-                    else:  # 1^T C = 0, so shifting by the first snapshot instead of the mean changes nothing
-                        np.matmul((chunk - chunk[0]).T, coeffs, out=p[at])
+                    else:
+                        np.matmul((chunk - mean[at]).T, coeffs, out=p[at])
                     lo += chunk.shape[1]
         offset += length
     return p, mean
