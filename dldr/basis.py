@@ -282,19 +282,23 @@ def captured_variance(gram_p: np.ndarray, proj: np.ndarray, eigvals: np.ndarray)
     return float(np.trace(proj.T @ np.linalg.solve(gram_p, proj)) / eigvals.sum())
 
 
+def basis_report(store: RunStore) -> dict[str, Any]:
+    """The run's basis/report.json (kind, d, seed, sizes), which marks a complete phase 2."""
+    if not store.exists(REPORT):
+        raise DldrError(f"{store.url} has no basis; run `dldr basis --run-dir {store.url}` first")
+    return store.read_json(REPORT)
+
+
 def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``rows`` of the basis P and of the snapshot mean m, in float32: what one phase 3 rank holds.
 
     One read of the snapshot files these rows lie in; for a trajectory basis, P's rows are the
     centred snapshot rows times the stored coefficients C.
     """
-    if not store.exists(REPORT):
-        raise DldrError(f"{store.url} has no basis; run `dldr basis --run-dir {store.url}` first")
-    report = store.read_json(REPORT)
+    report = basis_report(store)
     kind, dim = report["kind"], report["dim"]
     if rows.stop > report["num_params"]:
-        raise DldrError(f"the run's snapshots have {report['num_params']} parameters but the model has "
-                        f"{rows.stop}; train with the --model and --data the run was sampled with")
+        raise ValueError(f"rows {rows} lie outside the basis's {report['num_params']} rows")
     coeffs = store.load_array(COEFFICIENTS).astype(np.float32) if kind == "trajectory" else None
     scale = store.load_array(SCALE) if kind == "random" else None
     p = np.empty((rows.stop - rows.start, dim), dtype=np.float32)
@@ -306,14 +310,15 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> 
         if lo < hi:
             for block in snapshot_blocks(store, rels, block_rows(len(rels), block_bytes),
                                          slice(lo - offset, hi - offset)):
-                for start in range(0, block.shape[1], GRAM_CHUNK_ROWS):
-                    chunk = block[:, start:start + GRAM_CHUNK_ROWS]
-                    at = slice(lo - rows.start, lo - rows.start + chunk.shape[1])
-                    mean[at] = chunk.mean(axis=0, dtype=np.float64)
-                    if coeffs is None:
-                        p[at] = random_rows(slice(lo, lo + chunk.shape[1]), dim, report["seed"]) * scale
-                    else:
-                        np.matmul((chunk - mean[at]).T, coeffs, out=p[at])
-                    lo += chunk.shape[1]
+                n = block.shape[1]
+                p_block, m_block = p[lo - rows.start:][:n], mean[lo - rows.start:][:n]
+                m_block[:] = block.mean(axis=0, dtype=np.float64)
+                if coeffs is None:
+                    p_block[:] = random_rows(slice(lo, lo + n), dim, report["seed"]) * scale
+                else:
+                    for start in range(0, n, GRAM_CHUNK_ROWS):  # a chunk stays in cache
+                        cols = slice(start, start + GRAM_CHUNK_ROWS)
+                        np.matmul((block[:, cols] - m_block[cols]).T, coeffs, out=p_block[cols])
+                lo += n
         offset += length
     return p, mean

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dldr import data as datasets
 from dldr import models, plots
-from dldr.basis import REPORT, ShardMap, basis_rows, build_basis, sequential
+from dldr.basis import ShardMap, basis_report, basis_rows, build_basis, sequential
 from dldr.comm import Comm, LocalComm
 from dldr.config import Config
 from dldr.errors import DldrError
@@ -384,10 +384,8 @@ def load_subspace(run: Run, model: nn.Module) -> Subspace:
     """The run's subspace for this rank (its rows P_r of the basis, formed from its snapshot rows),
     with ``model`` set to w_start."""
     cfg, store, comm = run.cfg, run.store, run.comm
-    if not store.exists(REPORT):
-        raise DldrError(f"{cfg.run_dir} has no basis; run `dldr basis --run-dir {cfg.run_dir}` first")
     flat = FlatParams(trainable(model))
-    stored = store.read_json(REPORT)["num_params"]
+    stored = basis_report(store)["num_params"]
     if stored != flat.numel:
         raise DldrError(f"the run's snapshots have {stored} parameters but {cfg.model} on {cfg.data} "
                         f"has {flat.numel}; train with the --model and --data the run was sampled with")

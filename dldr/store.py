@@ -320,9 +320,9 @@ class RowReader:
         The checksum is not updated here: the returned function feeds these rows to it, and the
         caller runs it (in read order, before ``finish``) where it suits, e.g. on another thread.
         """
-        view = memoryview(out.reshape(-1).view(np.uint8))
         if out.dtype != self.dtype or len(out) > self.shape[0] - self.rows_read:
             raise ValueError(f"{self.rel}: cannot read {out.shape} {out.dtype} at row {self.rows_read}")
+        view = memoryview(out.reshape(-1).view(np.uint8))
         filled = 0
         while filled < len(view) and (n := self._raw.readinto(view[filled:])):
             filled += n
