@@ -12,9 +12,10 @@ cancellation of centring a Gram of the raw weights.
 What phase 2 stores is C = V_d diag(1/sigma) (t x d), not P: P = W C holds d/t of the snapshots'
 bytes, so writing it and reading it back would cost more than the Gram pass itself. Phase 3's
 rank r forms its own rows P_r = (W_r - m_r 1^T) C from its snapshot slice as it starts
-(``basis_rows``), in float32, P's precision. A random basis is seeded Gaussian rows drawn in fixed
-global row blocks, so any rank can draw its own rows; phase 2 draws them along the same pass, for
-their column norms and the variance they capture.
+(``basis_rows``), in float32, P's precision, and keeps them as basis/shard-RRRRR-of-NNNNN.npy
+(``basis_shard``), so after phase 3 the run directory holds P itself, sharded. A random basis is
+seeded Gaussian rows drawn in fixed global row blocks, so any rank can draw its own rows; phase 2
+draws them along the same pass, for their column norms and the variance they capture.
 
 A background thread reads the next block while the current one is computed, and another checksums
 what was read. Peak memory per shard: a few blocks of t x rows, plus t x t.
@@ -36,7 +37,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from dldr.errors import DldrError
-from dldr.store import RunStore
+from dldr.store import RunStore, shard_name
 
 BLOCK_BYTES = 128 << 20  # a block of float32 snapshot rows: 2.2 MB of each file at t = 60
 RANDOM_BLOCK_ROWS = 1 << 14
@@ -287,6 +288,19 @@ def basis_report(store: RunStore) -> dict[str, Any]:
     if not store.exists(REPORT):
         raise DldrError(f"{store.url} has no basis; run `dldr basis --run-dir {store.url}` first")
     return store.read_json(REPORT)
+
+
+def shard_path(rank: int, num_shards: int) -> str:
+    return f"basis/{shard_name(rank, num_shards)}.npy"
+
+
+def basis_shard(store: RunStore, rows: slice, rank: int, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """``basis_rows`` for rank ``rank`` of ``num_shards``, which holds ``rows``; the first time, its rows
+    of P are also written to basis/shard-RRRRR-of-NNNNN.npy, where readers of the run find the basis."""
+    p, mean = basis_rows(store, rows)
+    if not store.exists(shard_path(rank, num_shards)):  # phase 2 removes them with the basis they belong to
+        store.save_array(shard_path(rank, num_shards), p)
+    return p, mean
 
 
 def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:

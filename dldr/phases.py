@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dldr import data as datasets
 from dldr import models, plots
-from dldr.basis import ShardMap, basis_report, basis_rows, build_basis, sequential
+from dldr.basis import ShardMap, basis_report, basis_shard, build_basis, sequential, shard_path
 from dldr.comm import Comm, LocalComm
 from dldr.config import Config
 from dldr.errors import DldrError
@@ -368,7 +368,8 @@ def make_optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.o
 def _fingerprint(cfg: Config, store: RunStore) -> str:
     """What phase 3 depends on; a saved state resumes only under the same fingerprint."""
     keys = {k: getattr(cfg, k) for k in TRAIN_KEYS}
-    keys["basis"] = [store.manifest[rel]["sha256"] for rel in store.files("basis/")]
+    keys["basis"] = [store.manifest[rel]["sha256"] for rel in store.files("basis/")  # phase 2's files
+                     if not rel.startswith("basis/shard-")]
     return json.dumps(keys, sort_keys=True)
 
 
@@ -381,8 +382,8 @@ def _saved_state(run: Run, fingerprint: str) -> dict[str, Any] | None:
 
 
 def load_subspace(run: Run, model: nn.Module) -> Subspace:
-    """The run's subspace for this rank (its rows P_r of the basis, formed from its snapshot rows),
-    with ``model`` set to w_start."""
+    """The run's subspace for this rank (its rows P_r of the basis, formed from its snapshot rows and
+    kept in basis/), with ``model`` set to w_start."""
     cfg, store, comm = run.cfg, run.store, run.comm
     flat = FlatParams(trainable(model))
     stored = basis_report(store)["num_params"]
@@ -390,7 +391,11 @@ def load_subspace(run: Run, model: nn.Module) -> Subspace:
         raise DldrError(f"the run's snapshots have {stored} parameters but {cfg.model} on {cfg.data} "
                         f"has {flat.numel}; train with the --model and --data the run was sampled with")
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
-    rows, mean = basis_rows(store, shard)
+    rows, mean = basis_shard(store, shard, comm.rank, comm.world_size)
+    _commit(run)
+    if run.main:  # P's shards from a phase 3 with another number of workers
+        store.remove_files(set(store.files("basis/shard-")) - {shard_path(r, comm.world_size)
+                                                                for r in range(comm.world_size)})
     if cfg.start == "mean":
         start = comm.all_gather_cat(torch.from_numpy(mean).to(run.device))
     else:

@@ -17,6 +17,7 @@ from dldr.params import FlatParams, trainable
 from dldr.phases import evaluate, open_run
 from dldr.store import RunStore
 
+SHARD = "basis/shard-00000-of-00001.npy"
 SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2", "--quiet"]
 
 
@@ -43,16 +44,17 @@ def test_fit_writes_the_run_directory(small_run):
     steps = 3 * 11  # 1438 training digits in batches of 128
     snapshots = [f"snapshots/shard-00000-of-00001/step-{s:06d}.npy" for s in range(steps + 1)]
     assert store.files("snapshots/") == snapshots
-    for rel in ["config.yaml", "basis/coefficients.npy", "basis/eigvals.npy", "model.safetensors",
+    for rel in ["config.yaml", "basis/coefficients.npy", "basis/eigvals.npy", SHARD, "model.safetensors",
                 "metrics.jsonl", "summary.json", "plots/curves.png", "plots/explained_variance.png"]:
         assert store.exists(rel), rel
     num_params = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     snapshot = store.load_array(snapshots[5])
     assert snapshot.shape == (num_params,) and snapshot.dtype == np.float32
     assert store.load_array("basis/coefficients.npy").shape == (steps + 1, 8)
-    basis = basis_rows(store, slice(0, num_params))[0]
+    basis = store.load_array(SHARD)  # phase 3 keeps the P it formed
     assert basis.shape == (num_params, 8) and basis.dtype == np.float32
     np.testing.assert_allclose(basis.T.astype(np.float64) @ basis, np.eye(8), atol=1e-4)
+    np.testing.assert_array_equal(basis, basis_rows(store, slice(0, num_params))[0])
     assert store.read_bytes("plots/curves.png").startswith(b"\x89PNG")
 
     summary = store.read_json("summary.json")
@@ -92,10 +94,12 @@ def test_phases_rerun_on_an_existing_run(small_run, tmp_path):
     before = RunStore(run_dir)
     snapshots = {rel: before.manifest[rel]["sha256"] for rel in before.files("snapshots/")}
     assert main(["basis", "--run-dir", run_dir, "--dim", "4", "--quiet"]) == 0
+    assert not RunStore(run_dir).exists(SHARD)  # the old basis's P went with it
     assert main(["train", "--run-dir", run_dir, "--optimizer", "psgd", "--start", "first", "--quiet"]) == 0
     store = RunStore(run_dir)
     assert {rel: store.manifest[rel]["sha256"] for rel in store.files("snapshots/")} == snapshots
     assert store.load_array("basis/coefficients.npy").shape[1] == 4
+    assert store.load_array(SHARD).shape == (store.read_json("basis/report.json")["num_params"], 4)
     summary = store.read_json("summary.json")
     assert summary["phases"]["basis"]["dim"] == 4 and summary["phases"]["train"]["optimizer"] == "psgd"
     assert "dim: 4" in store.read_bytes("config.yaml").decode()
@@ -110,7 +114,7 @@ def test_phase_by_phase_equals_fit(small_run, tmp_path):
     assert main(["basis", "--run-dir", run_dir, "--quiet"]) == 0
     assert main(["train", "--run-dir", run_dir, "--quiet"]) == 0
     stepwise, fitted = RunStore(run_dir), RunStore(small_run)
-    for rel in fitted.files("snapshots/") + ["basis/coefficients.npy", "model.safetensors"]:
+    for rel in fitted.files("snapshots/") + ["basis/coefficients.npy", SHARD, "model.safetensors"]:
         assert stepwise.manifest[rel]["sha256"] == fitted.manifest[rel]["sha256"], rel
 
 

@@ -72,6 +72,13 @@ def test_each_rank_holds_only_its_shard(fits):
     lengths = [s.stop - s.start for s in shard_slices(NUM_PARAMS, 2)]
     assert summary["sample"]["largest_snapshot_bytes"] == [4 * n for n in lengths]
     assert summary["train"]["basis_rows_per_rank"] == lengths
+    # each rank kept its rows of P; together they are the whole basis
+    store = RunStore(fits[2])
+    assert store.files("basis/shard-") == [f"basis/shard-{r:05d}-of-00002.npy" for r in range(2)]
+    basis = np.concatenate([store.load_array(rel) for rel in store.files("basis/shard-")])
+    assert [len(store.load_array(rel)) for rel in store.files("basis/shard-")] == lengths
+    np.testing.assert_allclose(basis, basis_rows(store, slice(0, NUM_PARAMS))[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(basis.T.astype(np.float64) @ basis, np.eye(basis.shape[1]), atol=1e-4)
 
 
 def test_two_shard_basis_equals_one_shard_basis(fits, tmp_path):

@@ -6,7 +6,8 @@ these runs in a fresh process, after the page cache was dropped when the machine
 
 read      every snapshot file read once, front to back: the floor of any phase 2
 streamed  ``dldr.basis.build_basis``, as `dldr basis` runs it (one read: row blocks, Gram, eigh)
-rows      ``dldr.basis.basis_rows`` for rank 0: P_0 formed from its snapshot rows, as phase 3 starts
+rows      ``dldr.basis.basis_shard`` for rank 0: P_0 formed from its snapshot rows and written to
+          basis/, as phase 3 starts
 naive     all snapshots stacked in RAM (t x D), centred, one dense SVD, P written as one file
 
 read and streamed run ``repeats`` times, alternating, and report the median: a cold read on a
@@ -24,7 +25,7 @@ import numpy as np
 import scipy.linalg
 from matplotlib.figure import Figure
 
-from dldr.basis import basis_rows, build_basis
+from dldr.basis import basis_rows, basis_shard, build_basis
 from dldr.bench import report
 from dldr.store import RunStore, snapshot_path
 
@@ -96,7 +97,7 @@ def rank_rows(url: str, num_shards: int) -> dict[str, Any]:
 
     store = RunStore(url)
     rows = shard_slices(store.read_json("basis/report.json")["num_params"], num_shards)[0]
-    return {"rows": rows.stop - rows.start, "bytes": int(basis_rows(store, rows)[0].nbytes)}
+    return {"rows": rows.stop - rows.start, "bytes": int(basis_shard(store, rows, 0, num_shards)[0].nbytes)}
 
 
 def naive(url: str, dim: int, out: str) -> dict[str, Any]:
@@ -175,7 +176,8 @@ def _markdown(preset: Preset, results: dict[str, Any]) -> str:
             f"({next(iter(results.values()))['snapshot_bytes'] / gib:.2f} GiB of float32 files), d = {preset.dim}; "
             f"each step in a fresh process after dropping the page cache; read and phase 2 {preset.repeats} times, "
             "alternating. Phase 2 reads the snapshots once and stores t x d coefficients; each phase 3 rank "
-            "forms its rows of P from its snapshot rows as it starts (the `rows` step, rank 0 of N).\n\n")
+            "forms its rows of P from its snapshot rows as it starts and writes them to basis/ "
+            "(the `rows` step, rank 0 of N).\n\n")
     text += report.table(["shards", "step", "seconds (median)", "each run", "peak RSS GiB",
                           "above the process's start GiB"], rows)
     text += "\n" + report.table(
