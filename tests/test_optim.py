@@ -47,6 +47,22 @@ def test_inverse_hessian_update_matches_textbook_formula():
     assert torch.linalg.eigvalsh(updated).min() > 0
 
 
+def test_first_update_scales_the_identity_as_lbfgs_does():
+    """H_0 = (s^T y / y^T y) I before the first BFGS update (Nocedal & Wright 6.20)."""
+    curvature = torch.tensor([1.0, 10.0], dtype=torch.float64)
+    model = Vector(torch.tensor([1.0, 1.0], dtype=torch.float64))
+    opt = PBFGS(model.parameters(), Subspace(torch.eye(2, dtype=torch.float64), slice(0, 2)))
+    closure = _closure(opt, model, lambda w: 0.5 * (curvature * w ** 2).sum())
+    opt.step(closure)
+    s = opt.state[model.w]["prev_step"].clone()
+    assert opt.state[model.w]["fresh"] and s.abs().min() > 0
+    opt.step(closure)
+    y = curvature * s  # the change of a quadratic's gradient
+    expected = inverse_hessian_update((s @ y) / (y @ y) * torch.eye(2, dtype=torch.float64), s, y)
+    torch.testing.assert_close(opt.state[model.w]["inv_hessian"], expected)
+    assert not opt.state[model.w]["fresh"]
+
+
 def test_pbfgs_solves_a_convex_quadratic_in_the_subspace_within_3d_iterations():
     num_params, dim = 300, 12
     basis = _orthonormal(num_params, dim)

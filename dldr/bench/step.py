@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 
 from dldr import phases
 from dldr.bench import report
+from dldr.bench.methods import CNN
 from dldr.config import Config
 from dldr.data import DataSource
 from dldr.params import trainable
@@ -63,8 +64,8 @@ class Timer:
 _DIGITS = {"data": "digits", "sample_epochs": 10, "snapshot_every": 2, "dim": 40, "start": "last", "batch_size": 128}
 PRESETS: dict[str, list[Setting]] = {
     "cpu": [Setting("digits, MLP", {**_DIGITS, "model": "mlp"}),
-            Setting("digits, CNN", {**_DIGITS, "model": "cnn"}),
-            Setting("digits, CNN, batch 512", {**_DIGITS, "model": "cnn", "subspace_batch_size": 512})],
+            Setting("digits, CNN", {**_DIGITS, **CNN, "model": "cnn"}),
+            Setting("digits, CNN, batch 512", {**_DIGITS, **CNN, "model": "cnn", "subspace_batch_size": 512})],
     "gpu": [Setting("CIFAR-shaped, ResNet-20", {"model": "cifar_resnet20", "data": "synthetic:3x32x32:10",
                                                 "sample_epochs": 11, "snapshot_every": 1, "dim": 40, "start": "last",
                                                 "device": "cuda"}),

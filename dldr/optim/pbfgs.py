@@ -2,8 +2,11 @@
 
 Every iteration uses one mini-batch: the closure's gradient, projected to d coordinates, drives
 an inverse-Hessian BFGS update, and the step length is found by backtracking on the same batch.
-Only d x d state is kept, in float64. Trial forwards run without autograd, and the given
-buffers (BatchNorm running statistics) are restored in memory after each one.
+Only d x d state is kept, in float64. Each BFGS start (the first update, and the first after a
+reset) scales the identity by s^T y / y^T y, as L-BFGS does: on mini-batches an unscaled
+H_0 = I makes the first steps the wrong length and costs backtracking trials. Trial forwards run
+without autograd, and the given buffers (BatchNorm running statistics) are restored in memory
+after each one.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ class PBFGS(SubspaceOptimizer):
             state.update(
                 coords=torch.zeros(d, dtype=torch.float64), inv_hessian=torch.eye(d, dtype=torch.float64),
                 prev_grad=torch.zeros(d, dtype=torch.float64), prev_step=torch.zeros(d, dtype=torch.float64),
-                n_iter=0, trials=0, line_search_failures=0, curvature_skips=0, descent_resets=0,
+                n_iter=0, trials=0, line_search_failures=0, curvature_skips=0, descent_resets=0, fresh=True,
             )
         return state
 
@@ -66,7 +69,10 @@ class PBFGS(SubspaceOptimizer):
         if state["n_iter"] > 0:
             y, s = grad - state["prev_grad"], state["prev_step"]
             if y @ s > group["curvature_eps"]:
+                if state["fresh"]:  # H_0 = (s^T y / y^T y) I, Nocedal & Wright (6.20), the scale torch.optim.LBFGS uses
+                    inv_hessian = (y @ s) / (y @ y) * inv_hessian
                 inv_hessian = inverse_hessian_update(inv_hessian, s, y)
+                state["fresh"] = False
             else:
                 state["curvature_skips"] += 1
         direction = -inv_hessian @ grad
@@ -74,11 +80,13 @@ class PBFGS(SubspaceOptimizer):
             inv_hessian = torch.eye(len(grad), dtype=torch.float64)
             direction = -grad
             state["descent_resets"] += 1
+            state["fresh"] = True
         alpha = self._line_search(closure, f0, direction, float(grad @ direction), group, state)
         if alpha is None:
             inv_hessian = torch.eye(len(grad), dtype=torch.float64)
             step = torch.zeros_like(grad)
             state["line_search_failures"] += 1
+            state["fresh"] = True
         else:
             step = alpha * direction
             state["coords"] = state["coords"] + step
