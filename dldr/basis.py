@@ -46,6 +46,7 @@ RANDOM_BLOCK_ROWS = 1 << 14
 # lie 1e-6 and more below the largest.)
 GRAM_CHUNK_ROWS = 1 << 11
 COEFFICIENTS, SCALE, REPORT = "basis/coefficients.npy", "basis/scale.npy", "basis/report.json"
+SHARDS = "basis/shard-"  # the rows of P that phase 3 keeps, one file per rank
 ORTHONORMALITY_TOL = 1e-3
 # Eigenvalues below this fraction of the largest are rounding, not directions of the trajectory.
 RANK_RTOL = 1e-10

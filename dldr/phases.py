@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from dldr import data as datasets
 from dldr import models, plots
-from dldr.basis import ShardMap, basis_report, basis_shard, build_basis, sequential, shard_path
+from dldr.basis import SHARDS, ShardMap, basis_report, basis_shard, build_basis, sequential, shard_path
 from dldr.comm import Comm, LocalComm
 from dldr.config import Config
 from dldr.errors import DldrError
@@ -369,7 +369,7 @@ def _fingerprint(cfg: Config, store: RunStore) -> str:
     """What phase 3 depends on; a saved state resumes only under the same fingerprint."""
     keys = {k: getattr(cfg, k) for k in TRAIN_KEYS}
     keys["basis"] = [store.manifest[rel]["sha256"] for rel in store.files("basis/")  # phase 2's files
-                     if not rel.startswith("basis/shard-")]
+                     if not rel.startswith(SHARDS)]
     return json.dumps(keys, sort_keys=True)
 
 
@@ -394,8 +394,8 @@ def load_subspace(run: Run, model: nn.Module) -> Subspace:
     rows, mean = basis_shard(store, shard, comm.rank, comm.world_size)
     _commit(run)
     if run.main:  # P's shards from a phase 3 with another number of workers
-        store.remove_files(set(store.files("basis/shard-")) - {shard_path(r, comm.world_size)
-                                                                for r in range(comm.world_size)})
+        store.remove_files(set(store.files(SHARDS)) - {shard_path(r, comm.world_size)
+                                                        for r in range(comm.world_size)})
     if cfg.start == "mean":
         start = comm.all_gather_cat(torch.from_numpy(mean).to(run.device))
     else:

@@ -3,7 +3,7 @@
 Both runs use the same global batch, so with exact arithmetic they would follow the same
 trajectory; DDP's all-reduce sums in another order, so they differ by rounding. The basis
 agreement is the largest principal angle between the two bases (rank r of the 2-worker run
-holds rows r of it), plus the eigenvalues and the test accuracies.
+kept rows r of it), plus the eigenvalues and the test accuracies.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dldr import phases
-from dldr.basis import basis_rows
+from dldr.basis import SHARDS
 from dldr.bench import report
 from dldr.config import Config
 from dldr.store import RunStore
@@ -29,7 +29,8 @@ WORKERS = (1, 2)
 
 
 def _basis(store: RunStore) -> np.ndarray:
-    return basis_rows(store, slice(0, store.read_json("basis/report.json")["num_params"]))[0]
+    """P as phase 3 kept it, rank after rank."""
+    return np.concatenate([store.load_array(rel) for rel in store.files(SHARDS)])
 
 
 def run(preset: str, work: Path) -> tuple[dict, dict, str, Figure]:
