@@ -88,13 +88,9 @@ class Run:
         self.comm.all_gather_object(None)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """A batch on the run's device; image batches channels-last on CUDA, where convolutions want it."""
+        """A batch on the run's device, image batches channels-last like the model (see ``build_model``)."""
         x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
-
-    @property
-    def channels_last(self) -> bool:
-        return self.device.type == "cuda"
+        return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
@@ -146,9 +142,11 @@ def save_config(run: Run) -> None:
 
 
 def build_model(run: Run, data: datasets.DataSource) -> nn.Module:
+    """The model, channels-last: cuDNN's and oneDNN's (CPU) convolutions run faster so, forwards
+    most of all (see benchmarks/README.md, step). A memory layout only: w's order is unchanged."""
     torch.manual_seed(run.cfg.seed)
     model = models.create(run.cfg.model, data.num_classes, data.input_shape).to(run.device)
-    return model.to(memory_format=torch.channels_last) if run.channels_last else model
+    return model.to(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
@@ -478,10 +476,12 @@ def closure(run: Run, opt: torch.optim.Optimizer, model: nn.Module, x: torch.Ten
     x, y = run.inputs(x), y.to(run.device)
 
     def loss() -> torch.Tensor:
-        opt.zero_grad(set_to_none=False)
+        training = torch.is_grad_enabled()  # else a line-search trial, which needs the loss only
+        if training:
+            opt.zero_grad(set_to_none=False)
         with run.autocast():
             value = F.cross_entropy(model(x), y)
-        if torch.is_grad_enabled():
+        if training:
             value.backward()
         return value
 
