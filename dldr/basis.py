@@ -217,9 +217,9 @@ def check_dim(dim: int, num_snapshots: int) -> None:
 
 
 def decompose(gram: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending, all t) and the top-``dim`` eigenvectors of the centred Gram."""
+    """Eigenvalues (descending, all t) and the top-``dim`` eigenvectors of the centred Gram (``dim``
+    passed ``check_dim`` before the read)."""
     t = gram.shape[0]
-    check_dim(dim, t)
     eigvals, eigvecs = np.linalg.eigh(gram)
     eigvals, eigvecs = np.clip(eigvals[::-1], 0.0, None), eigvecs[:, ::-1]
     rank = int(np.sum(eigvals > RANK_RTOL * eigvals[0])) if eigvals[0] > 0 else 0

@@ -394,11 +394,8 @@ def load_subspace(run: Run, model: nn.Module) -> Subspace:
     if run.main:  # P's shards from a phase 3 with another number of workers
         store.remove_files(set(store.files(SHARDS)) - {shard_path(r, comm.world_size)
                                                         for r in range(comm.world_size)})
-    if cfg.start == "mean":
-        start = comm.all_gather_cat(torch.from_numpy(mean).to(run.device))
-    else:
-        start = torch.from_numpy(_start_point(store, cfg.start, slice(0, flat.numel))).to(run.device)
-    flat.set(start)
+    start = mean if cfg.start == "mean" else _start_point(store, cfg.start, shard)  # this rank's rows of w_start
+    flat.set(comm.all_gather_cat(torch.from_numpy(start).to(run.device)))
     return Subspace(torch.from_numpy(rows).to(run.device), shard, comm)
 
 
