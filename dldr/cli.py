@@ -49,7 +49,9 @@ _HELP = {
     "address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)",
     "max_failures": "worker-group failures a phase survives by restarting from its last checkpoint",
     "armijo_sigma": "P-BFGS sufficient-decrease constant",
-    "armijo_beta": "P-BFGS backtracking factor",
+    "armijo_beta": "P-BFGS backtracking factor (the most a failed trial's step is kept)",
+    "armijo_backtrack": "P-BFGS step after a failed trial: interpolated within [0.1, beta] alpha, "
+                        "or geometric beta alpha (the paper's)",
     "max_trials": "P-BFGS line-search trials per step",
 }
 

@@ -16,6 +16,7 @@ CHOICES = {
     "subspace": ("trajectory", "random"),
     "device": ("cpu", "cuda"),
     "precision": ("fp32", "bf16"),
+    "armijo_backtrack": ("interpolate", "geometric"),
 }
 
 
@@ -63,6 +64,8 @@ class Config:
     subspace_lr: float = 0.1
     armijo_sigma: float = 0.4
     armijo_beta: float = 0.55
+    # after a failed trial: the parabola's minimiser within [0.1, beta] alpha, or the paper's beta alpha
+    armijo_backtrack: str = "interpolate"
     max_trials: int = 20
 
     def __post_init__(self) -> None:

@@ -37,7 +37,8 @@ MODEL = "model.safetensors"
 SUBSPACE_STATE = "subspace/state.pt"
 # The keys whose change makes a stopped phase 3 start over instead of resuming.
 TRAIN_KEYS = ("model", "data", "image_size", "seed", "batch_size", "subspace_batch_size", "label_noise", "holdout",
-              "start", "optimizer", "subspace_lr", "momentum", "armijo_sigma", "armijo_beta", "max_trials")
+              "start", "optimizer", "subspace_lr", "momentum", "armijo_sigma", "armijo_beta", "armijo_backtrack",
+              "max_trials")
 
 
 class Session:
@@ -359,7 +360,7 @@ def make_optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.o
     params = trainable(model)
     if cfg.optimizer == "pbfgs":
         return PBFGS(params, subspace, buffers=list(model.buffers()), sigma=cfg.armijo_sigma,
-                     beta=cfg.armijo_beta, max_trials=cfg.max_trials)
+                     beta=cfg.armijo_beta, max_trials=cfg.max_trials, interpolate=cfg.armijo_backtrack == "interpolate")
     return PSGD(params, subspace, lr=cfg.subspace_lr, momentum=cfg.momentum)
 
 

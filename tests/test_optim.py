@@ -1,10 +1,12 @@
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from dldr.optim import PBFGS, PSGD, inverse_hessian_update
+from dldr.optim.pbfgs import backtrack
 from dldr.subspace import Subspace
 
 
@@ -90,18 +92,42 @@ def test_pbfgs_solves_a_convex_quadratic_in_the_subspace_within_3d_iterations():
     assert opt.state[model.w]["line_search_failures"] == 0
 
 
-def test_armijo_backtracks_to_the_first_acceptable_step():
+def test_geometric_armijo_backtracks_to_the_first_acceptable_step():
     # f(c) = 1.5 c^2 from c = 1 with B = I: alpha = 1 and beta overshoot, beta^2 satisfies
     # f(alpha) <= f(0) + sigma alpha g p (see the numbers in the assertions)
     basis = torch.ones(1, 1, dtype=torch.float64)
     model = Vector(torch.ones(1, dtype=torch.float64))
-    opt = PBFGS(model.parameters(), Subspace(basis, slice(0, 1)), sigma=0.4, beta=0.55)
+    opt = PBFGS(model.parameters(), Subspace(basis, slice(0, 1)), sigma=0.4, beta=0.55, interpolate=False)
     opt.step(_closure(opt, model, lambda w: 1.5 * (w ** 2).sum()))
     state = opt.state[model.w]
     alpha = 0.55 ** 2
     assert state["trials"] == 3
     torch.testing.assert_close(state["coords"], torch.tensor([-3.0 * alpha], dtype=torch.float64))
     torch.testing.assert_close(model.w.detach(), torch.tensor([1.0 - 3.0 * alpha], dtype=torch.float64))
+
+
+def test_interpolated_armijo_lands_on_the_minimum_of_a_quadratic():
+    # the same f(c) = 1.5 c^2 from c = 1: after alpha = 1 overshoots to c = -2, the parabola through
+    # f(0), f'(0) and f(1) is f itself, so the second trial is its minimiser c = 0 (alpha = 1/3)
+    basis = torch.ones(1, 1, dtype=torch.float64)
+    model = Vector(torch.ones(1, dtype=torch.float64))
+    opt = PBFGS(model.parameters(), Subspace(basis, slice(0, 1)), sigma=0.4, beta=0.55)
+    opt.step(_closure(opt, model, lambda w: 1.5 * (w ** 2).sum()))
+    state = opt.state[model.w]
+    assert state["trials"] == 2
+    torch.testing.assert_close(state["coords"], torch.tensor([-1.0], dtype=torch.float64))
+    torch.testing.assert_close(model.w.detach(), torch.tensor([0.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(("rise", "expected"), [
+    (6.0 - 1.5, 1 / 3),  # the quadratic above: the minimiser itself
+    (-3.5, 0.55),  # just above the Armijo line (-3.6): the parabola's minimiser 0.82 is cut to beta
+    (1e6, 0.1),  # far overshoot: at least a tenth of alpha is kept
+    (math.inf, 0.1), (math.nan, 0.1),  # a diverged trial
+])
+def test_backtrack_interpolates_within_its_safeguards(rise, expected):
+    assert backtrack(1.0, rise, slope=-9.0, beta=0.55) == pytest.approx(expected)
+    assert backtrack(0.5, rise, slope=-9.0, beta=0.55) < 0.5 * 0.55 + 1e-12  # never longer than beta alpha
 
 
 def test_failed_line_search_takes_no_step_and_resets_the_inverse_hessian():

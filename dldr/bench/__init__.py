@@ -36,6 +36,8 @@ def run(name: str, preset: str, out: str = DEFAULT_OUT, work_dir: str | None = N
             raise DldrError("--preset gpu needs a CUDA GPU and torch sees none; use --preset cpu")
     from dldr.bench import report
 
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"dldr-bench-{name}-", dir=work_dir) as work:
         settings, results, markdown, figure = module.run(preset, Path(work))

@@ -4,12 +4,15 @@ Every iteration uses one mini-batch: the closure's gradient, projected to d coor
 an inverse-Hessian BFGS update, and the step length is found by backtracking on the same batch.
 Only d x d state is kept, in float64. Each BFGS start (the first update, and the first after a
 reset) scales the identity by s^T y / y^T y, as L-BFGS does: on mini-batches an unscaled
-H_0 = I makes the first steps the wrong length and costs backtracking trials. Trial forwards run
-without autograd, and the given buffers (BatchNorm running statistics) are restored in memory
-after each one.
+H_0 = I makes the first steps the wrong length and costs backtracking trials. After a failed
+trial, the next step length is interpolated (see ``backtrack``) instead of the paper's fixed
+alpha * beta: the rare steps that overshoot far then take two or three trials instead of five or
+six, and trials are what a step costs beyond SGD's. Trial forwards run without autograd, and the
+given buffers (BatchNorm running statistics) are restored in memory after each one.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,12 +22,25 @@ from torch import nn
 from dldr.optim.base import SubspaceOptimizer
 from dldr.subspace import Subspace
 
+MIN_SHRINK = 0.1
+
 
 def inverse_hessian_update(inv_hessian: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """H <- V^T H V + rho s s^T with V = I - rho y s^T and rho = 1 / y^T s."""
     rho = 1.0 / (y @ s)
     v = torch.eye(len(s), dtype=s.dtype) - rho * torch.outer(y, s)
     return v.T @ inv_hessian @ v + rho * torch.outer(s, s)
+
+
+def backtrack(alpha: float, rise: float, slope: float, beta: float) -> float:
+    """The next trial after ``alpha`` failed: the minimiser of the parabola through f(0), f'(0) and f(alpha).
+
+    It is kept within [0.1, beta] times alpha (Nocedal & Wright, section 3.5), so no trial is longer
+    than the paper's alpha * beta; a loss that is not finite shrinks alpha tenfold.
+    """
+    curvature = rise - slope * alpha  # > 0 once the Armijo test failed: rise > sigma alpha slope > alpha slope
+    shrink = -slope * alpha / (2 * curvature) if math.isfinite(curvature) else 0.0
+    return alpha * min(beta, max(MIN_SHRINK, shrink))
 
 
 class PBFGS(SubspaceOptimizer):
@@ -37,11 +53,11 @@ class PBFGS(SubspaceOptimizer):
 
     def __init__(self, params: Iterable[nn.Parameter], subspace: Subspace,
                  buffers: Iterable[torch.Tensor] = (), sigma: float = 0.4, beta: float = 0.55,
-                 max_trials: int = 20, curvature_eps: float = 1e-10):
+                 max_trials: int = 20, interpolate: bool = True, curvature_eps: float = 1e-10):
         if not 0 < sigma < 1 or not 0 < beta < 1 or max_trials < 1:
             raise ValueError(f"need 0 < sigma < 1, 0 < beta < 1, max_trials >= 1; got {sigma}, {beta}, {max_trials}")
         super().__init__(params, subspace, dict(sigma=sigma, beta=beta, max_trials=max_trials,
-                                                curvature_eps=curvature_eps))
+                                                interpolate=interpolate, curvature_eps=curvature_eps))
         self.buffers = list(buffers)
 
     def _state(self) -> dict[str, Any]:
@@ -108,6 +124,6 @@ class PBFGS(SubspaceOptimizer):
             state["trials"] += 1
             if f <= f0 + group["sigma"] * alpha * slope:
                 return alpha
-            alpha *= group["beta"]
+            alpha = backtrack(alpha, f - f0, slope, group["beta"]) if group["interpolate"] else alpha * group["beta"]
         self._flat.set(base)
         return None
