@@ -256,3 +256,17 @@ def test_non_finite_loss_stops_pbfgs_before_any_update():
     with pytest.raises(FloatingPointError):
         opt.step(_closure(opt, model, lambda w: w.sum() * float("nan")))
     torch.testing.assert_close(model.w.detach(), torch.ones(2, dtype=torch.float64))
+
+
+def test_projection_of_a_long_float32_gradient_matches_float64_over_shards():
+    # 1M rows (not a multiple of the 256-row blocks), cut into two shards: one float32 dot product
+    # this long is off by about 1e-5; the blocked sums must stay near float32's own rounding
+    g = torch.Generator().manual_seed(0)
+    rows, dim = 1_000_003, 3
+    basis = torch.randn(rows, dim, generator=g)
+    grad = torch.randn(rows, generator=g)
+    expected = basis.double().T @ grad.double()
+    cut = 400_001
+    projected = sum(Subspace(basis[shard], shard).project(grad) for shard in (slice(0, cut), slice(cut, rows)))
+    assert projected.dtype == torch.float64
+    assert (projected - expected).abs().max() / expected.abs().max() < 1e-6
