@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from dldr import phases
+from dldr.config import Config
 from dldr.optim import PBFGS, PSGD, inverse_hessian_update
 from dldr.optim.pbfgs import backtrack
 from dldr.subspace import Subspace
@@ -128,6 +130,16 @@ def test_interpolated_armijo_lands_on_the_minimum_of_a_quadratic():
 def test_backtrack_interpolates_within_its_safeguards(rise, expected):
     assert backtrack(1.0, rise, slope=-9.0, beta=0.55) == pytest.approx(expected)
     assert backtrack(0.5, rise, slope=-9.0, beta=0.55) < 0.5 * 0.55 + 1e-12  # never longer than beta alpha
+
+
+@pytest.mark.parametrize(("rule", "trials"), [("interpolate", 2), ("geometric", 3)])
+def test_armijo_backtrack_flag_picks_the_rule(rule, trials):
+    # the quadratic of the two tests above, through the configuration the CLI fills
+    model = Vector(torch.ones(1, dtype=torch.float64))
+    subspace = Subspace(torch.ones(1, 1, dtype=torch.float64), slice(0, 1))
+    opt = phases.make_optimizer(Config(armijo_backtrack=rule), model, subspace)
+    opt.step(_closure(opt, model, lambda w: 1.5 * (w ** 2).sum()))
+    assert opt.state[model.w]["trials"] == trials
 
 
 def test_failed_line_search_takes_no_step_and_resets_the_inverse_hessian():
