@@ -17,8 +17,9 @@ rank r forms its own rows P_r = (W_r - m_r 1^T) C from its snapshot slice as it 
 seeded Gaussian rows drawn in fixed global row blocks, so any rank can draw its own rows; phase 2
 draws them along the same pass, for their column norms and the variance they capture.
 
-A background thread reads the next block while the current one is computed, and another checksums
-what was read. Peak memory per shard: a few blocks of t x rows, plus t x t.
+A background thread reads the next block while the current one is computed, on as many threads as
+the process has CPUs (``compute_pool``), and as many more checksum what was read. Peak memory per
+shard: a few blocks of t x rows, plus t x t.
 
 The per-shard passes are plain functions ``fn(store, *args)``; ``build_basis`` hands them to a
 ``ShardMap``, which runs them one after another here or as Ray tasks next to the shards.
@@ -26,6 +27,10 @@ The per-shard passes are plain functions ``fn(store, *args)``; ``build_basis`` h
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
+import itertools
+import os
 import queue
 import threading
 import time
@@ -35,6 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from dldr.errors import DldrError
 from dldr.store import RunStore, shard_name
@@ -91,8 +97,9 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
     """Yield read-only t x rows float32 blocks of ``span`` of one shard's rows: row i of a block is snapshot i.
 
     One thread reads the next block straight into place while the caller computes on this one;
-    another feeds what was read to the checksums (sha256 runs at about the disk's speed, so it gets
-    its own core). Every file is read to its end, and its checksum verified, after the span's last block.
+    others feed what was read to the checksums, a group of files each (sha256 runs at about the
+    disk's speed, so it gets cores of its own). Every file is read to its end, and its checksum
+    verified, after the span's last block.
     """
     readers = []
     try:
@@ -106,19 +113,24 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
         span = span or slice(0, length[0])
 
         def read() -> Iterator[np.ndarray]:
-            with ThreadPoolExecutor(1, thread_name_prefix="dldr-sha256") as hasher:
-                hashing: collections.deque[Future] = collections.deque()
+            # one single-thread executor per group of files keeps each file's checksum in order
+            with contextlib.ExitStack() as stack:
+                hashers = [stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dldr-sha256"))
+                           for _ in range(min(compute_threads(), len(readers)))]
+                hashing: collections.deque[list[Future]] = collections.deque()
                 for reader in readers:
                     reader.skip(span.start)
                 for start in range(span.start, span.stop, rows):
                     block = np.empty((len(readers), min(rows, span.stop - start)), dtype=np.float32)
                     updates = [reader.read_into(row) for reader, row in zip(readers, block, strict=True)]
                     block.flags.writeable = False  # the checksums read it after it is handed on
-                    hashing.append(hasher.submit(lambda u=updates: [update() for update in u]))
+                    hashing.append([hasher.submit(lambda group: [update() for update in group], updates[k::len(hashers)])
+                                    for k, hasher in enumerate(hashers)])
                     while len(hashing) > 2:  # bounds the blocks held for hashing
-                        hashing.popleft().result()
+                        for future in hashing.popleft():
+                            future.result()
                     yield block
-                for future in hashing:
+                for future in (f for futures in hashing for f in futures):
                     future.result()
             for reader in readers:
                 reader.finish()
@@ -189,23 +201,75 @@ class ShardSums:
 
 def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: str, seed: int,
                block_bytes: int = BLOCK_BYTES) -> ShardSums:
-    """Read one shard's snapshots (whose first row is parameter ``offset``) once, summing in float64."""
+    """Read one shard's snapshots (whose first row is parameter ``offset``) once, summing in float64.
+
+    Each block's columns are cut into one run per thread; the chunks' sums are added in column
+    order, so the result does not depend on the number of threads.
+    """
     t = len(rels)
     sums = ShardSums(np.zeros((t, t)))
     if kind == "random":
         sums.rtr, sums.rts = np.zeros((dim, dim)), np.zeros((dim, t))
     row = offset
-    for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
-        r = random_rows(slice(row, row + block.shape[1]), dim, seed) if kind == "random" else None
-        for start in range(0, block.shape[1], GRAM_CHUNK_ROWS):
-            cols = slice(start, start + GRAM_CHUNK_ROWS)
-            shifted = np.subtract(block[:, cols], block[0, cols], dtype=np.float64)
-            sums.gram += shifted @ shifted.T
-            if r is not None:
-                sums.rtr += r[cols].T @ r[cols]
-                sums.rts += r[cols].T @ shifted.T
-        row += block.shape[1]
+    with compute_pool() as (pool, threads):
+        for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
+            r = random_rows(slice(row, row + block.shape[1]), dim, seed) if kind == "random" else None
+            for part in pool.map(functools.partial(chunk_sums, block, r), column_runs(block.shape[1], threads)):
+                for chunk in part:
+                    sums.gram += chunk.gram
+                    if r is not None:
+                        sums.rtr += chunk.rtr
+                        sums.rts += chunk.rts
+            row += block.shape[1]
     return sums
+
+
+def chunk_sums(block: np.ndarray, r: np.ndarray | None, cols: slice) -> list[ShardSums]:
+    """The sums of each GRAM_CHUNK_ROWS-column chunk of ``block[:, cols]``, its rows shifted by row 0.
+
+    The shift is exact: float32 values are converted to float64 before they are subtracted.
+    """
+    shifted = np.empty((block.shape[0], GRAM_CHUNK_ROWS))
+    sums = []
+    for start in range(cols.start, cols.stop, GRAM_CHUNK_ROWS):
+        chunk = slice(start, min(start + GRAM_CHUNK_ROWS, cols.stop))
+        x = shifted[:, :chunk.stop - chunk.start]
+        x[...] = block[:, chunk]
+        x[1:] -= x[0]
+        x[0] = 0.0
+        sums.append(ShardSums(x @ x.T) if r is None else ShardSums(x @ x.T, r[chunk].T @ r[chunk], r[chunk].T @ x.T))
+    return sums
+
+
+def column_runs(columns: int, parts: int) -> list[slice]:
+    """At most ``parts`` contiguous runs of ``columns`` columns, cut at multiples of GRAM_CHUNK_ROWS."""
+    chunks = -(-columns // GRAM_CHUNK_ROWS)
+    cuts = [min(columns, chunks * i // parts * GRAM_CHUNK_ROWS) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in itertools.pairwise(cuts) if a < b]
+
+
+def compute_threads() -> int:
+    """Threads for a pass's arithmetic: OMP_NUM_THREADS where set (Ray sets it to a task's CPUs),
+    else every CPU this process may run on."""
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def compute_pool() -> Iterator[tuple[ThreadPoolExecutor, int]]:
+    """A pool of ``compute_threads()`` threads, with BLAS single-threaded meanwhile.
+
+    numpy's ufuncs and BLAS release the GIL, so the threads use as many cores; BLAS's own threads
+    would only oversubscribe them (the products are t x t, too small to split well).
+    """
+    threads = compute_threads()
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads, thread_name_prefix="dldr-compute") as pool:
+        yield pool, threads
 
 
 def check_dim(dim: int, num_snapshots: int) -> None:
@@ -304,6 +368,16 @@ def basis_shard(store: RunStore, rows: slice, rank: int, num_shards: int) -> tup
     return p, mean
 
 
+def centred_rows(block: np.ndarray, coeffs: np.ndarray | None, p: np.ndarray, mean: np.ndarray, cols: slice) -> None:
+    """Columns ``cols`` of a block: each row's snapshot mean into ``mean`` and, given the coefficients C,
+    the rows of P = (block - mean)^T C into ``p``, a chunk at a time (it stays in cache)."""
+    mean[cols] = block[:, cols].mean(axis=0, dtype=np.float64)
+    if coeffs is not None:
+        for start in range(cols.start, cols.stop, GRAM_CHUNK_ROWS):
+            chunk = slice(start, min(start + GRAM_CHUNK_ROWS, cols.stop))
+            np.matmul((block[:, chunk] - mean[chunk]).T, coeffs, out=p[chunk])
+
+
 def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``rows`` of the basis P and of the snapshot mean m, in float32: what one phase 3 rank holds.
 
@@ -319,21 +393,19 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> 
     p = np.empty((rows.stop - rows.start, dim), dtype=np.float32)
     mean = np.empty(rows.stop - rows.start, dtype=np.float32)
     offset = 0
-    for rels in store.snapshot_shards():
-        length = store.manifest[rels[0]]["shape"][0]
-        lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
-        if lo < hi:
-            for block in snapshot_blocks(store, rels, block_rows(len(rels), block_bytes),
-                                         slice(lo - offset, hi - offset)):
-                n = block.shape[1]
-                p_block, m_block = p[lo - rows.start:][:n], mean[lo - rows.start:][:n]
-                m_block[:] = block.mean(axis=0, dtype=np.float64)
-                if coeffs is None:
-                    p_block[:] = random_rows(slice(lo, lo + n), dim, report["seed"]) * scale
-                else:
-                    for start in range(0, n, GRAM_CHUNK_ROWS):  # a chunk stays in cache
-                        cols = slice(start, start + GRAM_CHUNK_ROWS)
-                        np.matmul((block[:, cols] - m_block[cols]).T, coeffs, out=p_block[cols])
-                lo += n
-        offset += length
+    with compute_pool() as (pool, threads):
+        for rels in store.snapshot_shards():
+            length = store.manifest[rels[0]]["shape"][0]
+            lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
+            if lo < hi:
+                for block in snapshot_blocks(store, rels, block_rows(len(rels), block_bytes),
+                                             slice(lo - offset, hi - offset)):
+                    n = block.shape[1]
+                    p_block, m_block = p[lo - rows.start:][:n], mean[lo - rows.start:][:n]
+                    if coeffs is None:
+                        p_block[:] = random_rows(slice(lo, lo + n), dim, report["seed"]) * scale
+                    list(pool.map(functools.partial(centred_rows, block, coeffs, p_block, m_block),
+                                  column_runs(n, threads)))
+                    lo += n
+            offset += length
     return p, mean

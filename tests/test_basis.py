@@ -1,7 +1,16 @@
+import itertools
+
 import numpy as np
 import pytest
 
-from dldr.basis import basis_rows, build_basis
+from dldr.basis import (
+    BLOCK_BYTES,
+    GRAM_CHUNK_ROWS,
+    basis_rows,
+    build_basis,
+    column_runs,
+    shard_pass,
+)
 from dldr.errors import DldrError
 from dldr.store import RunStore, snapshot_path
 from tests.helpers import largest_principal_angle, low_rank_trajectory, write_trajectory
@@ -67,6 +76,33 @@ def test_random_basis_has_unit_columns_and_captures_less_variance(tmp_path):
     assert ratios["random"] < 0.2 < 0.9 < ratios["trajectory"]
 
 
+@pytest.mark.parametrize("block_bytes", [BLOCK_BYTES, 4 * 8 * 3000])
+def test_gram_is_exact_and_the_same_on_any_number_of_threads(tmp_path, monkeypatch, block_bytes):
+    # a random walk of full-precision float32 values: unlike a low-rank trajectory's, its float64
+    # partial sums round, so adding them in another order gives other bits
+    rng = np.random.default_rng(5)
+    trajectory = np.cumsum(rng.standard_normal((3 * GRAM_CHUNK_ROWS + 500, 8)), axis=1)
+    grams = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        store = RunStore(str(tmp_path / threads))
+        write_trajectory(store, trajectory, 1)
+        grams.append(shard_pass(store, store.snapshot_shards()[0], 0, 2, "trajectory", 0, block_bytes).gram)
+    # the chunks' sums are added in column order, whichever thread computed them
+    np.testing.assert_array_equal(grams[0], grams[1])
+    stored = trajectory.astype(np.float32).astype(np.float64)
+    shifted = stored - stored[:, :1]
+    np.testing.assert_allclose(grams[0], shifted.T @ shifted, rtol=1e-12, atol=1e-12 * np.abs(grams[0]).max())
+
+
+@pytest.mark.parametrize("columns, parts", [(1, 3), (2048, 2), (2049, 2), (5 * 2048 + 7, 3)])
+def test_column_runs_cover_the_columns_in_whole_chunks(columns, parts):
+    runs = column_runs(columns, parts)
+    assert len(runs) == min(parts, -(-columns // GRAM_CHUNK_ROWS))
+    assert runs[0].start == 0 and runs[-1].stop == columns
+    assert all(a.stop == b.start and a.stop % GRAM_CHUNK_ROWS == 0 for a, b in itertools.pairwise(runs))
+
+
 def test_dim_must_be_below_number_of_snapshots(store):
     write_trajectory(store, low_rank_trajectory(steps=6), 1)
     with pytest.raises(DldrError, match="--dim 6 needs at least 7 snapshots, the run has 6"):
@@ -81,9 +117,10 @@ def test_rank_deficient_trajectory_is_refused(store):
         build_basis(store, 4)
 
 
-def test_corrupt_and_missing_snapshots_are_named(store):
+def test_corrupt_and_missing_snapshots_are_named(store, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # three checksum threads: the victim is in the second's files
     write_trajectory(store, low_rank_trajectory(steps=6), 2)
-    victim = snapshot_path(1, 2, 3)
+    victim = snapshot_path(1, 2, 4)
     path = store.abspath(victim)
     raw = bytearray(open(path, "rb").read())
     raw[-7] ^= 0x01
