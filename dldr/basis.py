@@ -97,9 +97,9 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
     """Yield read-only t x rows float32 blocks of ``span`` of one shard's rows: row i of a block is snapshot i.
 
     One thread reads the next block straight into place while the caller computes on this one;
-    others feed what was read to the checksums, a group of files each (sha256 runs at about the
-    disk's speed, so it gets cores of its own). Every file is read to its end, and its checksum
-    verified, after the span's last block.
+    others feed what was read to the checksums, a group of files each, so that the reading thread
+    only waits on storage. Every file is read to its end, and its checksum verified, after the
+    span's last block.
     """
     readers = []
     try:
@@ -115,7 +115,7 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
         def read() -> Iterator[np.ndarray]:
             # one single-thread executor per group of files keeps each file's checksum in order
             with contextlib.ExitStack() as stack:
-                hashers = [stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dldr-sha256"))
+                hashers = [stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dldr-checksum"))
                            for _ in range(min(compute_threads(), len(readers)))]
                 hashing: collections.deque[list[Future]] = collections.deque()
                 for reader in readers:

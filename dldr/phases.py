@@ -367,7 +367,7 @@ def make_optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.o
 def _fingerprint(cfg: Config, store: RunStore) -> str:
     """What phase 3 depends on; a saved state resumes only under the same fingerprint."""
     keys = {k: getattr(cfg, k) for k in TRAIN_KEYS}
-    keys["basis"] = [store.manifest[rel]["sha256"] for rel in store.files("basis/")  # phase 2's files
+    keys["basis"] = [store.checksum(rel) for rel in store.files("basis/")  # phase 2's files
                      if not rel.startswith(SHARDS)]
     return json.dumps(keys, sort_keys=True)
 

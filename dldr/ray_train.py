@@ -143,13 +143,13 @@ def _gpus_per_worker(cfg: Config) -> float:
 
 @ray.remote(num_cpus=0)
 def _config_checksum(location: str) -> str | None:
-    entry = RunStore(location, owner=False).manifest.get(CONFIG)
-    return entry["sha256"] if entry else None
+    store = RunStore(location, owner=False)
+    return store.checksum(CONFIG) if store.exists(CONFIG) else None
 
 
 def _check_visible(store: RunStore) -> None:
     """Every node must see the run directory the driver wrote (Ray's storage rule, checked up front)."""
-    expected = store.manifest[CONFIG]["sha256"]
+    expected = store.checksum(CONFIG)
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
     seen = ray.get([_config_checksum.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                     .remote(store.location) for n in nodes])

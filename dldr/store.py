@@ -1,4 +1,4 @@
-"""The run directory: files over fsspec, each written whole and recorded with its sha256.
+"""The run directory: files over fsspec, each written whole and recorded with its checksum.
 
 A file is written to a temporary name and renamed into place (on object stores, where a put is
 already atomic, it is written under its final name), and only then recorded in
@@ -6,6 +6,11 @@ already atomic, it is written under its final name), and only then recorded in
 name the file when it does not match, so a torn or corrupted file is never used silently.
 Arrays are .npy files read with ``allow_pickle=False``; large ones can be read and written in
 row blocks so no process needs a whole snapshot matrix in memory.
+
+The checksum is XXH3-128: it guards against torn and corrupted files (an adversary who can
+change a file can change manifest.json too), and phase 2 checks every snapshot byte, where
+sha256 cost as much CPU as the read itself (1.2 GB/s on one core of the benchmark machine,
+against 9 to 11 GB/s). Entries that earlier versions recorded with sha256 are still verified.
 """
 from __future__ import annotations
 
@@ -25,11 +30,15 @@ from typing import Any, BinaryIO
 
 import fsspec
 import numpy as np
+import xxhash
 from fsspec.implementations.local import LocalFileSystem
 
 from dldr.errors import DldrError
 
 MANIFEST = "manifest.json"
+# the manifest key of each checksum a reader verifies; new files get the first
+CHECKSUMS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+CHECKSUM = next(iter(CHECKSUMS))
 
 # Which command writes the files under each top-level folder, for "re-run X" advice.
 _WRITER = {"snapshots": "dldr sample", "basis": "dldr basis", "data": "dldr sample"}
@@ -51,21 +60,21 @@ def shard_name(rank: int, num_shards: int) -> str:
 
 
 class _HashingFile:
-    """A file wrapper that feeds every byte read or written to a sha256."""
+    """A file wrapper that feeds every byte read or written to a checksum (``CHECKSUMS[algorithm]``)."""
 
-    def __init__(self, f: BinaryIO):
+    def __init__(self, f: BinaryIO, algorithm: str = CHECKSUM):
         self.f = f
-        self.sha = hashlib.sha256()
+        self.hash = CHECKSUMS[algorithm]()
         self.size = 0
 
     def write(self, data: bytes) -> int:
-        self.sha.update(data)
+        self.hash.update(data)
         self.size += len(data)
         return self.f.write(data)
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
-        self.sha.update(data)
+        self.hash.update(data)
         self.size += len(data)
         return data
 
@@ -149,7 +158,7 @@ class RunStore:
         except BaseException:
             self._discard(tmp)
             raise
-        self._record(rel, {"sha256": f.sha.hexdigest(), "bytes": f.size, **meta})
+        self._record(rel, {CHECKSUM: f.hash.hexdigest(), "bytes": f.size, **meta})
 
     def _discard(self, tmp: str) -> None:
         with contextlib.suppress(OSError):
@@ -239,16 +248,25 @@ class RunStore:
         writer = _WRITER.get(rel.split("/", 1)[0])
         return f"re-run `{writer}` to write it again" if writer else "re-run the phase that writes it"
 
-    def _check(self, rel: str, sha256: str) -> None:
-        if sha256 != self.manifest[rel]["sha256"]:
-            raise DldrError(f"{self.abspath(rel)} is corrupt (its sha256 does not match manifest.json); "
-                            f"{self._advice(rel)}")
+    def checksum_algorithm(self, rel: str) -> str:
+        """The manifest key of the checksum ``rel`` was recorded with."""
+        entry = self.manifest[rel]
+        return next(key for key in CHECKSUMS if key in entry)
+
+    def checksum(self, rel: str) -> str:
+        """The recorded checksum of ``rel``: it changes whenever the file's bytes do."""
+        return self.manifest[rel][self.checksum_algorithm(rel)]
+
+    def _check(self, rel: str, digest: str) -> None:
+        if digest != self.checksum(rel):
+            raise DldrError(f"{self.abspath(rel)} is corrupt (its {self.checksum_algorithm(rel)} checksum does not "
+                            f"match manifest.json); {self._advice(rel)}")
 
     def read_bytes(self, rel: str) -> bytes:
         self._entry(rel)
         data = self.fs.cat_file(self.abspath(rel))
         self.bytes_read[rel] += len(data)
-        self._check(rel, hashlib.sha256(data).hexdigest())
+        self._check(rel, CHECKSUMS[self.checksum_algorithm(rel)](data).hexdigest())
         return data
 
     def read_json(self, rel: str) -> Any:
@@ -286,7 +304,7 @@ class RowReader:
         with contextlib.suppress(AttributeError, OSError, io.UnsupportedOperation):
             # local files: the kernel reads further ahead, which matters when many files are read in turn
             os.posix_fadvise(self._raw.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        self._f = _HashingFile(self._raw)
+        self._f = _HashingFile(self._raw, store.checksum_algorithm(rel))
         try:
             version = np.lib.format.read_magic(self._f)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
@@ -331,7 +349,7 @@ class RowReader:
             raise DldrError(f"{self.store.abspath(self.rel)} is truncated; {self.store._advice(self.rel)}")
         self.rows_read += len(out)
         self.store.bytes_read[self.rel] += filled
-        return functools.partial(self._f.sha.update, view)
+        return functools.partial(self._f.hash.update, view)
 
     def skip(self, rows: int) -> None:
         """Pass over ``rows`` rows without keeping them (they still count for the checksum)."""
@@ -346,7 +364,7 @@ class RowReader:
         while self._f.read(1 << 20):
             pass
         self.close()
-        self.store._check(self.rel, self._f.sha.hexdigest())
+        self.store._check(self.rel, self._f.hash.hexdigest())
 
     def close(self) -> None:
         self._raw.close()

@@ -92,12 +92,12 @@ def test_phases_rerun_on_an_existing_run(small_run, tmp_path):
     run_dir = str(tmp_path / "copy")
     shutil.copytree(small_run, run_dir)
     before = RunStore(run_dir)
-    snapshots = {rel: before.manifest[rel]["sha256"] for rel in before.files("snapshots/")}
+    snapshots = {rel: before.checksum(rel) for rel in before.files("snapshots/")}
     assert main(["basis", "--run-dir", run_dir, "--dim", "4", "--quiet"]) == 0
     assert not RunStore(run_dir).exists(SHARD)  # the old basis's P went with it
     assert main(["train", "--run-dir", run_dir, "--optimizer", "psgd", "--start", "first", "--quiet"]) == 0
     store = RunStore(run_dir)
-    assert {rel: store.manifest[rel]["sha256"] for rel in store.files("snapshots/")} == snapshots
+    assert {rel: store.checksum(rel) for rel in store.files("snapshots/")} == snapshots
     assert store.load_array("basis/coefficients.npy").shape[1] == 4
     assert store.load_array(SHARD).shape == (store.read_json("basis/report.json")["num_params"], 4)
     summary = store.read_json("summary.json")
@@ -115,7 +115,7 @@ def test_phase_by_phase_equals_fit(small_run, tmp_path):
     assert main(["train", "--run-dir", run_dir, "--quiet"]) == 0
     stepwise, fitted = RunStore(run_dir), RunStore(small_run)
     for rel in fitted.files("snapshots/") + ["basis/coefficients.npy", SHARD, "model.safetensors"]:
-        assert stepwise.manifest[rel]["sha256"] == fitted.manifest[rel]["sha256"], rel
+        assert stepwise.checksum(rel) == fitted.checksum(rel), rel
 
 
 def test_label_noise_runs_all_phases_and_records_the_labels(tmp_path):
@@ -250,7 +250,7 @@ def test_a_stopped_train_phase_resumes_where_it_stopped(small_run, tmp_path):
     assert main(["train", "--run-dir", run_dir, "--quiet"]) == 0
     resumed, uninterrupted = RunStore(run_dir), RunStore(small_run)
     assert resumed.read_json("summary.json")["phases"]["train"]["resumed_after_epoch"] == 1
-    assert resumed.manifest["model.safetensors"]["sha256"] == uninterrupted.manifest["model.safetensors"]["sha256"]
+    assert resumed.checksum("model.safetensors") == uninterrupted.checksum("model.safetensors")
     records = [json.loads(line) for line in resumed.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [r["epoch"] for r in records if r["phase"] == "train"] == [1, 2]
 

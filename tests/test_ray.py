@@ -131,8 +131,8 @@ def test_a_killed_worker_resumes_with_the_same_snapshots(fits, tmp_path):
     ray_train.run_phases(run, ["sample"], failure=ray_train.FailureInjection(rank=1, step=27, marker=str(marker)))
     assert marker.exists()
     killed, unfailed = RunStore(run_dir), RunStore(fits[2])
-    checksums = {rel: killed.manifest[rel]["sha256"] for rel in killed.files("snapshots/")}
-    assert checksums == {rel: unfailed.manifest[rel]["sha256"] for rel in unfailed.files("snapshots/")}
+    checksums = {rel: killed.checksum(rel) for rel in killed.files("snapshots/")}
+    assert checksums == {rel: unfailed.checksum(rel) for rel in unfailed.files("snapshots/")}
     assert len(checksums) == 2 * 56
     records = [json.loads(line) for line in killed.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [r["epoch"] for r in records] == list(range(1, 11))

@@ -3,27 +3,40 @@ import json
 
 import numpy as np
 import pytest
+import xxhash
 
 from dldr.errors import DldrError
 from dldr.store import RunStore
 
 
-def test_manifest_records_sha256_and_a_flipped_byte_is_caught(store):
+@pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
+def test_manifest_records_a_checksum_and_a_flipped_byte_is_caught(store, algorithm):
+    """New files get XXH3-128; an entry an earlier version recorded with sha256 is verified with sha256."""
+    rel = "snapshots/shard-00000-of-00001/step-000000.npy"
     array = np.arange(1000, dtype=np.float32)
-    store.save_array("snapshots/shard-00000-of-00001/step-000000.npy", array)
-    path = store.abspath("snapshots/shard-00000-of-00001/step-000000.npy")
+    store.save_array(rel, array)
+    path = store.abspath(rel)
     manifest = json.load(open(store.abspath("manifest.json")))["files"]
-    entry = manifest["snapshots/shard-00000-of-00001/step-000000.npy"]
-    assert entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    entry = manifest[rel]
+    assert entry["xxh3_128"] == xxhash.xxh3_128(open(path, "rb").read()).hexdigest()
     assert entry["shape"] == [1000] and entry["dtype"] == "<f4"
-    np.testing.assert_array_equal(store.load_array("snapshots/shard-00000-of-00001/step-000000.npy"), array)
+    if algorithm == "sha256":
+        del entry["xxh3_128"]
+        entry["sha256"] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        store.record({rel: entry})
+        store = RunStore(store.url)
+    assert store.checksum(rel) == entry[algorithm]
+    np.testing.assert_array_equal(store.load_array(rel), array)
+    reader = store.row_reader(rel)
+    reader.read(1000)
+    reader.finish()
 
     raw = bytearray(open(path, "rb").read())
     raw[500] ^= 0x10
     open(path, "wb").write(bytes(raw))
-    with pytest.raises(DldrError, match=r"step-000000\.npy is corrupt.*re-run `dldr sample`"):
-        store.load_array("snapshots/shard-00000-of-00001/step-000000.npy")
-    reader = store.row_reader("snapshots/shard-00000-of-00001/step-000000.npy")
+    with pytest.raises(DldrError, match=rf"step-000000\.npy is corrupt \(its {algorithm} checksum.*re-run `dldr sample`"):
+        store.load_array(rel)
+    reader = store.row_reader(rel)
     reader.read(1000)
     with pytest.raises(DldrError, match="is corrupt"):
         reader.finish()
