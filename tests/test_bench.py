@@ -1,5 +1,7 @@
 """The benchmark suite at smoke sizes: every benchmark runs, writes its files, and its figures hold together."""
 import json
+import re
+import sys
 
 import pytest
 import timm
@@ -17,6 +19,8 @@ def _bench(name: str, out) -> dict:
     assert stem.with_suffix(".md").read_text().startswith(f"`dldr bench {name} --preset smoke`")
     report = json.loads(stem.with_suffix(".json").read_text())
     assert report["machine"]["cores"] >= 1 and report["machine"]["versions"]["torch"]
+    if sys.platform == "linux":  # the CPU's generation, which "AMD EPYC" alone does not tell
+        assert re.search(r" family \d+ model \d+ \[", report["machine"]["cpu"]), report["machine"]["cpu"]
     return report["results"]
 
 

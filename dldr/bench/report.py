@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from dldr.plots import png
 
 PACKAGES = ("torch", "torchvision", "timm", "ray", "numpy", "scipy")
+CPU_EXTENSIONS = ("avx2", "avx512f", "sha_ni")
 
 
 def machine() -> dict[str, Any]:
@@ -42,14 +43,23 @@ def machine() -> dict[str, Any]:
 
 
 def _cpu_model() -> str:
+    """The CPU's name with its family, model and the vector extensions the timings depend on: a
+    virtual machine's "AMD EPYC" alone does not tell a 2017 core from a 2023 one."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's fields
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    extensions = [x for x in CPU_EXTENSIONS if x in fields.get("flags", "").split()]
+    return (f"{fields['model name']}, family {fields.get('cpu family', '?')} model {fields.get('model', '?')} "
+            f"[{' '.join(extensions) or 'no avx2'}]")
 
 
 def _commit() -> str | None:

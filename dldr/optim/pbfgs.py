@@ -78,7 +78,7 @@ class PBFGS(SubspaceOptimizer):
         with torch.enable_grad():
             loss = closure()
         f0 = self.subspace.average(float(loss))
-        if not torch.isfinite(torch.tensor(f0)):
+        if not math.isfinite(f0):
             raise FloatingPointError(f"non-finite loss {f0} at P-BFGS iteration {state['n_iter']}")
         grad = self.subspace.project(self._flat.grad())
         inv_hessian = state["inv_hessian"]
