@@ -9,8 +9,8 @@ row blocks so no process needs a whole snapshot matrix in memory.
 
 The checksum is XXH3-128: it guards against torn and corrupted files (an adversary who can
 change a file can change manifest.json too), and phase 2 checks every snapshot byte, where
-sha256 cost as much CPU as the read itself (1.2 GB/s on one core of the benchmark machine,
-against 9 to 11 GB/s). Entries that earlier versions recorded with sha256 are still verified.
+sha256 cost as much CPU as the read itself (benchmarks/README.md, basis). Entries that earlier
+versions recorded with sha256 are still verified with sha256.
 """
 from __future__ import annotations
 
@@ -250,8 +250,11 @@ class RunStore:
 
     def checksum_algorithm(self, rel: str) -> str:
         """The manifest key of the checksum ``rel`` was recorded with."""
-        entry = self.manifest[rel]
-        return next(key for key in CHECKSUMS if key in entry)
+        algorithm = next((key for key in CHECKSUMS if key in self.manifest[rel]), None)
+        if algorithm is None:
+            raise DldrError(f"manifest.json of {self.url} records no checksum ({' or '.join(CHECKSUMS)}) for {rel}; "
+                            f"{self._advice(rel)}")
+        return algorithm
 
     def checksum(self, rel: str) -> str:
         """The recorded checksum of ``rel``: it changes whenever the file's bytes do."""

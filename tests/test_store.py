@@ -42,6 +42,14 @@ def test_manifest_records_a_checksum_and_a_flipped_byte_is_caught(store, algorit
         reader.finish()
 
 
+def test_an_entry_without_a_checksum_is_a_clear_error(store):
+    rel = "snapshots/shard-00000-of-00001/step-000000.npy"
+    store.save_array(rel, np.zeros(3, dtype=np.float32))
+    store.record({rel: {k: v for k, v in store.manifest[rel].items() if k != "xxh3_128"}})
+    with pytest.raises(DldrError, match=r"records no checksum \(xxh3_128 or sha256\) for snapshots/.*re-run `dldr sample`"):
+        RunStore(store.url).load_array(rel)
+
+
 def test_a_failed_write_leaves_neither_file_nor_manifest_entry(store, tmp_path):
     store.write_bytes("a.txt", b"kept")
     with pytest.raises(RuntimeError):
