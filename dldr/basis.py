@@ -43,7 +43,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dldr.errors import DldrError
-from dldr.store import RunStore, shard_name
+from dldr.store import RunStore, paged_rows, shard_name
 
 BLOCK_BYTES = 128 << 20  # a block of float32 snapshot rows: 2.2 MB of each file at t = 60
 RANDOM_BLOCK_ROWS = 1 << 14
@@ -96,10 +96,10 @@ def block_rows(num_snapshots: int, block_bytes: int = BLOCK_BYTES) -> int:
 def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | None = None) -> Iterator[np.ndarray]:
     """Yield read-only t x rows float32 blocks of ``span`` of one shard's rows: row i of a block is snapshot i.
 
-    One thread reads the next block straight into place while the caller computes on this one;
-    others feed what was read to the checksums, a group of files each, so that the reading thread
-    only waits on storage. Every file is read to its end, and its checksum verified, after the
-    span's last block.
+    One thread reads the next block straight into place, past the page cache where it can (each
+    file is read once), while the caller computes on this one; others feed what was read to the
+    checksums, a group of files each, so that the reading thread only waits on storage. Every file
+    is read to its end, and its checksum verified, after the span's last block.
     """
     readers = []
     try:
@@ -121,8 +121,11 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
                 for reader in readers:
                     reader.skip(span.start)
                 for start in range(span.start, span.stop, rows):
-                    block = np.empty((len(readers), min(rows, span.stop - start)), dtype=np.float32)
-                    updates = [reader.read_into(row) for reader, row in zip(readers, block, strict=True)]
+                    count = min(rows, span.stop - start)
+                    pages, data = paged_rows(len(readers), count * 4, readers[0].offset)
+                    block = data.view(np.float32)
+                    updates = [reader.read_into(row, page)
+                               for reader, row, page in zip(readers, block, pages, strict=True)]
                     block.flags.writeable = False  # the checksums read it after it is handed on
                     hashing.append([hasher.submit(lambda group: [update() for update in group], updates[k::len(hashers)])
                                     for k, hasher in enumerate(hashers)])

@@ -39,6 +39,9 @@ MANIFEST = "manifest.json"
 # the manifest key of each checksum a reader verifies; new files get the first
 CHECKSUMS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
 CHECKSUM = next(iter(CHECKSUMS))
+# O_DIRECT reads need offsets, lengths and buffer addresses in multiples of the device's logical
+# block size; a page is a multiple of every common one.
+ALIGN = 4096
 
 # Which command writes the files under each top-level folder, for "re-run X" advice.
 _WRITER = {"snapshots": "dldr sample", "basis": "dldr basis", "data": "dldr sample"}
@@ -286,6 +289,21 @@ class RunStore:
         return RowReader(self, rel)
 
 
+def paged_rows(count: int, row_bytes: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` page-aligned uint8 rows, and in each the ``row_bytes`` that start at ``offset % ALIGN``.
+
+    A ``RowReader`` at file offset ``offset`` reads into such a row past the page cache
+    (``read_into(view, page)``): whole pages land at page-aligned addresses, and the data where
+    the view expects it.
+    """
+    lead = offset % ALIGN
+    stride = -(-(lead + row_bytes) // ALIGN) * ALIGN
+    raw = np.empty(count * stride + ALIGN, dtype=np.uint8)
+    first = -raw.ctypes.data % ALIGN
+    pages = raw[first:first + count * stride].reshape(count, stride)
+    return pages, pages[:, lead:lead + row_bytes]
+
+
 class RowWriter:
     def __init__(self, f: _HashingFile, shape: tuple[int, ...], dtype: np.dtype):
         self.f, self.shape, self.dtype, self.rows = f, shape, dtype, 0
@@ -298,12 +316,28 @@ class RowWriter:
         self.rows += block.shape[0]
 
 
+def _open_direct(path: str) -> int | None:
+    """A descriptor that reads ``path`` past the page cache, where the OS and file system allow it."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:  # e.g. a file system without direct I/O
+        return None
+
+
 class RowReader:
-    """Reads a .npy file front to back in row blocks, checking its checksum on the way."""
+    """Reads a .npy file front to back in row blocks, checking its checksum on the way.
+
+    Local files can be read past the page cache (``read_into`` with a page): the snapshots are
+    read once, and on the machines measured the kernel spent more CPU filling and copying its
+    cache than the phase computes (benchmarks/README.md, basis).
+    """
 
     def __init__(self, store: RunStore, rel: str):
         self.store, self.rel = store, rel
         self._raw = store.fs.open(store.abspath(rel), "rb")
+        self._direct = _open_direct(store.abspath(rel)) if store._atomic_rename else None
         with contextlib.suppress(AttributeError, OSError, io.UnsupportedOperation):
             # local files: the kernel reads further ahead, which matters when many files are read in turn
             os.posix_fadvise(self._raw.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -323,7 +357,14 @@ class RowReader:
                             f"{store._advice(rel)}")
         self.shape, self.dtype = tuple(shape), dtype
         self._row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        self._data_start = self._raw.tell()
         self.rows_read = 0
+        self.direct_bytes = 0  # of the bytes read, those read past the page cache
+
+    @property
+    def offset(self) -> int:
+        """The file offset of the next row."""
+        return self._data_start + self.rows_read * self._row_bytes
 
     def read(self, rows: int) -> np.ndarray:
         rows = min(rows, self.shape[0] - self.rows_read)
@@ -335,24 +376,50 @@ class RowReader:
         self.store.bytes_read[self.rel] += len(data)
         return np.frombuffer(data, dtype=self.dtype).reshape((rows, *self.shape[1:]))
 
-    def read_into(self, out: np.ndarray) -> Callable[[], None]:
+    def read_into(self, out: np.ndarray, page: np.ndarray | None = None) -> Callable[[], None]:
         """Fill ``out`` with the next ``len(out)`` rows, without a copy.
 
-        The checksum is not updated here: the returned function feeds these rows to it, and the
-        caller runs it (in read order, before ``finish``) where it suits, e.g. on another thread.
+        ``page``: a row of ``paged_rows`` whose view is ``out``; its bytes around ``out`` may be
+        overwritten, and a local file is then read past the page cache. The checksum is not
+        updated here: the returned function feeds these rows to it, and the caller runs it (in
+        read order, before ``finish``) where it suits, e.g. on another thread.
         """
         if out.dtype != self.dtype or len(out) > self.shape[0] - self.rows_read:
             raise ValueError(f"{self.rel}: cannot read {out.shape} {out.dtype} at row {self.rows_read}")
         view = memoryview(out.reshape(-1).view(np.uint8))
-        filled = 0
-        while filled < len(view) and (n := self._raw.readinto(view[filled:])):
-            filled += n
-        if filled != len(view):
-            self.close()
-            raise DldrError(f"{self.store.abspath(self.rel)} is truncated; {self.store._advice(self.rel)}")
+        if page is not None and self._read_direct(view, page):
+            self._raw.seek(self.offset + len(view))  # where the cached reads of ``read`` and ``finish`` go on
+        else:
+            filled = 0
+            while filled < len(view) and (n := self._raw.readinto(view[filled:])):
+                filled += n
+            if filled != len(view):
+                self.close()
+                raise DldrError(f"{self.store.abspath(self.rel)} is truncated; {self.store._advice(self.rel)}")
         self.rows_read += len(out)
-        self.store.bytes_read[self.rel] += filled
+        self.store.bytes_read[self.rel] += len(view)
         return functools.partial(self._f.hash.update, view)
+
+    def _read_direct(self, view: memoryview, page: np.ndarray) -> bool:
+        """Read ``view``'s bytes with O_DIRECT, whole pages into ``page``; False where that cannot be done."""
+        lead = self.offset % ALIGN
+        start = np.frombuffer(view, dtype=np.uint8).ctypes.data - page.ctypes.data
+        if self._direct is None or page.ctypes.data % ALIGN or start != lead or len(page) < lead + len(view):
+            return False
+        end = min(len(page), -(-(lead + len(view)) // ALIGN) * ALIGN)
+        target, filled = memoryview(page)[:end], 0
+        try:
+            while filled < lead + len(view) and (n := os.preadv(self._direct, [target[filled:]],
+                                                                 self.offset - lead + filled)):
+                filled += n
+        except OSError:  # the file system refused this read: read it, and the rest of the file, through the cache
+            os.close(self._direct)
+            self._direct = None
+            return False
+        if filled < lead + len(view):
+            return False  # truncated: the cached read says so
+        self.direct_bytes += len(view)
+        return True
 
     def skip(self, rows: int) -> None:
         """Pass over ``rows`` rows without keeping them (they still count for the checksum)."""
@@ -371,6 +438,9 @@ class RowReader:
 
     def close(self) -> None:
         self._raw.close()
+        if self._direct is not None:
+            os.close(self._direct)
+            self._direct = None
 
 
 class BackgroundWriter:

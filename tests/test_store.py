@@ -1,12 +1,13 @@
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
 import xxhash
 
 from dldr.errors import DldrError
-from dldr.store import RunStore
+from dldr.store import ALIGN, RunStore, paged_rows
 
 
 @pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
@@ -48,6 +49,61 @@ def test_an_entry_without_a_checksum_is_a_clear_error(store):
     store.record({rel: {k: v for k, v in store.manifest[rel].items() if k != "xxh3_128"}})
     with pytest.raises(DldrError, match=r"records no checksum \(xxh3_128 or sha256\) for snapshots/.*re-run `dldr sample`"):
         RunStore(store.url).load_array(rel)
+
+
+def direct_io(path) -> bool:
+    """Whether ``path``'s file system reads past the page cache (O_DIRECT)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+def read_paged(reader, counts, misaligned=False):
+    """``reader``'s rows, ``counts`` at a time, each read into a fresh ``paged_rows`` page."""
+    rows = []
+    for count in counts:
+        pages, data = paged_rows(1, count * 4, reader.offset)
+        page = pages[0]
+        if misaligned:  # a page that does not start at a page boundary
+            page = np.empty(len(page) + ALIGN + 1, dtype=np.uint8)[1:]
+            data = page[:count * 4][None]
+        out = data[0].view(np.float32)
+        reader.read_into(out, page)()
+        rows.append(out.copy())
+    return np.concatenate(rows)
+
+
+def test_rows_read_past_the_page_cache_are_the_files_rows(store):
+    """O_DIRECT reads whole pages around the rows: from an offset inside a page, up to the file's end,
+    then on through the cache for the rest; a page it cannot use is read through the cache."""
+    rel = "snapshots/shard-00000-of-00001/step-000000.npy"
+    array = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
+    store.save_array(rel, array)
+    reader = store.row_reader(rel)
+    reader.skip(3)  # the data start at byte 128 of the file: with these 3 rows, 140 bytes into a page
+    np.testing.assert_array_equal(read_paged(reader, [1000, 1, 2500]), array[3:3504])
+    np.testing.assert_array_equal(reader.read(500), array[3504:4004])
+    np.testing.assert_array_equal(read_paged(reader, [3000, 2996]), array[4004:])
+    reader.finish()  # the checksum covers every byte, however it was read
+    assert reader.direct_bytes == ((1000 + 1 + 2500 + 3000 + 2996) * 4 if direct_io(store.abspath(rel)) else 0)
+
+    reader = store.row_reader(rel)
+    np.testing.assert_array_equal(read_paged(reader, [4000, 6000], misaligned=True), array)
+    reader.finish()
+    assert reader.direct_bytes == 0
+
+
+def test_a_truncated_file_is_named_however_it_is_read(store):
+    rel = "snapshots/shard-00000-of-00001/step-000000.npy"
+    store.save_array(rel, np.arange(5000, dtype=np.float32))
+    with open(store.abspath(rel), "r+b") as f:
+        f.truncate(os.path.getsize(store.abspath(rel)) - 100)
+    for direct in (True, False):
+        reader = store.row_reader(rel)
+        with pytest.raises(DldrError, match=r"step-000000\.npy is truncated; re-run `dldr sample`"):
+            read_paged(reader, [4000, 1000]) if direct else reader.read_into(np.empty(5000, dtype=np.float32))
 
 
 def test_a_failed_write_leaves_neither_file_nor_manifest_entry(store, tmp_path):

@@ -4,18 +4,21 @@ The snapshots are a seeded random walk w_k = w_{k-1} + s_k in D parameters, writ
 writes them (sharded .npy files with checksums in the manifest). For 1 and 2 shards, each of
 these runs in a fresh process, after the page cache was dropped when the machine allows it:
 
-read      every snapshot file read once, front to back: the floor of any phase 2
+read      every snapshot file read once, front to back, 64 MB at a time, through the page cache
+direct    the same past the page cache (O_DIRECT), as phase 2 reads: the faster of the two reads
+          is the floor of any phase 2
 streamed  ``dldr.basis.build_basis``, as `dldr basis` runs it (one read: row blocks, Gram, eigh)
 rows      ``dldr.basis.basis_shard`` for rank 0: P_0 formed from its snapshot rows and written to
           basis/, as phase 3 starts
 naive     all snapshots stacked in RAM (t x D), centred, one dense SVD, P written as one file
 
-read and streamed run ``repeats`` times, alternating, and report the median: a cold read on a
-shared virtual disk varies by 20-30% from one run to the next. Peak memory is the peak resident
+read, direct and streamed run ``repeats`` times, alternating, and report the median: a cold read
+on a shared virtual disk varies by 20-30% from one run to the next. Peak memory is the peak resident
 set of each process; the two bases are compared by their largest principal angle.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ from matplotlib.figure import Figure
 
 from dldr.basis import basis_rows, basis_shard, build_basis
 from dldr.bench import report
-from dldr.store import RunStore, snapshot_path
+from dldr.store import MANIFEST, RunStore, paged_rows, snapshot_path
 
 
 @dataclass
@@ -46,7 +49,8 @@ PRESETS = {
 }
 
 
-STEPS = {"read": "one read", "streamed": "phase 2: streamed", "rows": "phase 3 start: P_0 of rank 0",
+STEPS = {"read": "one read: through the page cache", "direct": "direct read: one read past the page cache",
+         "streamed": "phase 2: streamed", "rows": "phase 3 start: P_0 of rank 0",
          "naive": "naive: stack + SVD"}
 
 
@@ -78,14 +82,29 @@ def drop_page_cache() -> bool:
     return True
 
 
-def read_once(url: str) -> dict[str, Any]:
+def read_once(url: str, direct: bool = False) -> dict[str, Any]:
     store, total = RunStore(url), 0
-    buffer = bytearray(64 << 20)
+    pages, _ = paged_rows(1, 64 << 20, 0)
+    buffer = memoryview(pages[0])
     for rel in store.files("snapshots/"):
-        with open(store.abspath(rel), "rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                total += n
+        fd = os.open(store.abspath(rel), os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        try:
+            offset = 0
+            while (n := os.preadv(fd, [buffer], offset)) == len(buffer):  # direct reads stop at the short one
+                offset += n
+            total += offset + n
+        finally:
+            os.close(fd)
     return {"bytes": total}
+
+
+def direct_io(url: str) -> bool:
+    """Whether the snapshots' file system can be read past the page cache (O_DIRECT)."""
+    try:
+        os.close(os.open(RunStore(url).abspath(MANIFEST), os.O_RDONLY | os.O_DIRECT))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 def streamed(url: str, dim: int) -> dict[str, Any]:
@@ -136,7 +155,8 @@ def run(preset_name: str, work: Path) -> tuple[dict, dict, str, Figure]:
               f"parameters in {time.perf_counter() - start:.0f} s", flush=True)
         row: dict[str, Any] = {}
         runs: dict[str, list[dict[str, Any]]] = {}
-        steps = [("read", read_once, (url,)), ("streamed", streamed, (url, preset.dim))] * preset.repeats
+        reads = [("read", read_once, (url,))] + [("direct", read_once, (url, True))] * direct_io(url)
+        steps = [*reads, ("streamed", streamed, (url, preset.dim))] * preset.repeats
         steps += [("rows", rank_rows, (url, num_shards)),
                   ("naive", naive, (url, preset.dim, str(work / "naive-basis.npy")))]
         for name, fn, args in steps:
@@ -155,7 +175,8 @@ def run(preset_name: str, work: Path) -> tuple[dict, dict, str, Figure]:
         row["eigval_max_rel_diff"] = float(np.max(np.abs(stored[:preset.dim] - eigvals[:preset.dim])
                                                   / eigvals[:preset.dim]))
         row["snapshot_bytes"] = row["read"]["bytes"]
-        row["time_vs_read"] = row["streamed"]["seconds"] / row["read"]["seconds"]
+        row["floor"] = min((name for name, _, _ in reads), key=lambda name: row[name]["seconds"])
+        row["time_vs_read"] = row["streamed"]["seconds"] / row[row["floor"]]["seconds"]
         row["memory_vs_naive"] = row["streamed"]["peak_rss_bytes"] / row["naive"]["peak_rss_bytes"]
         results[f"{num_shards}"] = row
         RunStore(url).remove("")
@@ -167,21 +188,21 @@ def _markdown(preset: Preset, results: dict[str, Any]) -> str:
     gib = 2**30
     rows = []
     for shards, r in results.items():
-        for name, label in STEPS.items():
+        for name, label in ((n, label) for n, label in STEPS.items() if n in r):
             m = r[name]
             each = " ".join(f"{x:.1f}" for x in r[f"{name}_seconds_each"])
             rows.append([shards, label, f"{m['seconds']:.1f}", each, f"{m['peak_rss_bytes'] / gib:.2f}",
                          f"{(m['peak_rss_bytes'] - m['rss_before_bytes']) / gib:.2f}"])
     text = (f"D = {preset.num_params:,} parameters, t = {preset.num_snapshots} snapshots "
             f"({next(iter(results.values()))['snapshot_bytes'] / gib:.2f} GiB of float32 files), d = {preset.dim}; "
-            f"each step in a fresh process after dropping the page cache; read and phase 2 {preset.repeats} times, "
-            "alternating. Phase 2 reads the snapshots once and stores t x d coefficients; each phase 3 rank "
-            "forms its rows of P from its snapshot rows as it starts and writes them to basis/ "
-            "(the `rows` step, rank 0 of N).\n\n")
+            f"each step in a fresh process after dropping the page cache; the reads and phase 2 {preset.repeats} "
+            "times, alternating; phase 2 is compared with the faster read. Phase 2 reads the snapshots once "
+            "and stores t x d coefficients; each phase 3 rank forms its rows of P from its snapshot rows as it "
+            "starts and writes them to basis/ (the `rows` step, rank 0 of N).\n\n")
     text += report.table(["shards", "step", "seconds (median)", "each run", "peak RSS GiB",
                           "above the process's start GiB"], rows)
     text += "\n" + report.table(
-        ["shards", "streamed / one read (time)", "streamed / naive (peak memory)", "one read, warm cache (s)",
+        ["shards", "streamed / faster read (time)", "streamed / naive (peak memory)", "one read, warm cache (s)",
          "largest principal angle", "max rel. eigenvalue diff"],
         [[s, f"{r['time_vs_read']:.2f}", f"{r['memory_vs_naive']:.3f}", f"{r['read_warm']['seconds']:.1f}",
           f"{r['largest_principal_angle']:.1e}", f"{r['eigval_max_rel_diff']:.1e}"] for s, r in results.items()])
@@ -191,7 +212,7 @@ def _markdown(preset: Preset, results: dict[str, Any]) -> str:
 def _figure(results: dict[str, Any]) -> Figure:
     fig = Figure(figsize=(9, 3.5))
     ax_t, ax_m = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    names = tuple(STEPS)
+    names = [n for n in STEPS if n in next(iter(results.values()))]
     x = np.arange(len(names))
     width = 0.8 / len(results)
     for i, (shards, r) in enumerate(results.items()):
