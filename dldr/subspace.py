@@ -46,5 +46,7 @@ class Subspace:
 
     def average(self, value: float) -> float:
         """The mean of a per-rank scalar, so that every rank takes the same decisions."""
+        if self.comm.world_size == 1:  # no collective: a step's small tensor ops cost more than its algebra
+            return value
         total = self.comm.all_reduce_sum(torch.tensor([value], dtype=torch.float64))
         return float(total[0]) / self.comm.world_size

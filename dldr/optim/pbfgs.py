@@ -26,10 +26,13 @@ MIN_SHRINK = 0.1
 
 
 def inverse_hessian_update(inv_hessian: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """H <- V^T H V + rho s s^T with V = I - rho y s^T and rho = 1 / y^T s."""
-    rho = 1.0 / (y @ s)
-    v = torch.eye(len(s), dtype=s.dtype) - rho * torch.outer(y, s)
-    return v.T @ inv_hessian @ v + rho * torch.outer(s, s)
+    """H <- V^T H V + rho s s^T with V = I - rho y s^T and rho = 1 / y^T s, expanded (Nocedal & Wright
+    6.17) into three rank-one updates of the symmetric H: six small ops, where each costs more than its
+    d x d arithmetic."""
+    hy = inv_hessian @ y
+    rho = 1.0 / float(y @ s)
+    return (inv_hessian.addr(s, s, alpha=rho * (1.0 + rho * float(y @ hy)))
+            .addr_(hy, s, alpha=-rho).addr_(s, hy, alpha=-rho))
 
 
 def backtrack(alpha: float, rise: float, slope: float, beta: float) -> float:
@@ -63,10 +66,11 @@ class PBFGS(SubspaceOptimizer):
     def _state(self) -> dict[str, Any]:
         state = self._store
         if not state:
-            d = self.subspace.dim
+            # on the parameters' device, with the projected gradient, where load_state_dict puts it too
+            d, like = self.subspace.dim, dict(dtype=torch.float64, device=self._flat.params[0].device)
             state.update(
-                coords=torch.zeros(d, dtype=torch.float64), inv_hessian=torch.eye(d, dtype=torch.float64),
-                prev_grad=torch.zeros(d, dtype=torch.float64), prev_step=torch.zeros(d, dtype=torch.float64),
+                coords=torch.zeros(d, **like), inv_hessian=torch.eye(d, **like),
+                prev_grad=torch.zeros(d, **like), prev_step=torch.zeros(d, **like),
                 n_iter=0, trials=0, line_search_failures=0, curvature_skips=0, descent_resets=0, fresh=True,
             )
         return state
@@ -84,22 +88,25 @@ class PBFGS(SubspaceOptimizer):
         inv_hessian = state["inv_hessian"]
         if state["n_iter"] > 0:
             y, s = grad - state["prev_grad"], state["prev_step"]
-            if y @ s > group["curvature_eps"]:
+            curvature = float(y @ s)
+            if curvature > group["curvature_eps"]:
                 if state["fresh"]:  # H_0 = (s^T y / y^T y) I, Nocedal & Wright (6.20), the scale torch.optim.LBFGS uses
-                    inv_hessian = (y @ s) / (y @ y) * inv_hessian
+                    inv_hessian = curvature / float(y @ y) * inv_hessian
                 inv_hessian = inverse_hessian_update(inv_hessian, s, y)
                 state["fresh"] = False
             else:
                 state["curvature_skips"] += 1
         direction = -inv_hessian @ grad
-        if grad @ direction >= 0:
-            inv_hessian = torch.eye(len(grad), dtype=torch.float64)
+        slope = float(grad @ direction)
+        if slope >= 0:
+            inv_hessian = torch.eye(len(grad), dtype=grad.dtype, device=grad.device)
             direction = -grad
+            slope = -float(grad @ grad)
             state["descent_resets"] += 1
             state["fresh"] = True
-        alpha = self._line_search(closure, f0, direction, float(grad @ direction), group, state)
+        alpha = self._line_search(closure, f0, direction, slope, group, state)
         if alpha is None:
-            inv_hessian = torch.eye(len(grad), dtype=torch.float64)
+            inv_hessian = torch.eye(len(grad), dtype=grad.dtype, device=grad.device)
             step = torch.zeros_like(grad)
             state["line_search_failures"] += 1
             state["fresh"] = True
