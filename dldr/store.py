@@ -289,6 +289,11 @@ class RunStore:
         return RowReader(self, rel)
 
 
+def _whole_pages(size: int) -> int:
+    """``size`` rounded up to a multiple of ``ALIGN``."""
+    return -(-size // ALIGN) * ALIGN
+
+
 def paged_rows(count: int, row_bytes: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
     """``count`` page-aligned uint8 rows, and in each the ``row_bytes`` that start at ``offset % ALIGN``.
 
@@ -297,7 +302,7 @@ def paged_rows(count: int, row_bytes: int, offset: int) -> tuple[np.ndarray, np.
     the view expects it.
     """
     lead = offset % ALIGN
-    stride = -(-(lead + row_bytes) // ALIGN) * ALIGN
+    stride = _whole_pages(lead + row_bytes)
     raw = np.empty(count * stride + ALIGN, dtype=np.uint8)
     first = -raw.ctypes.data % ALIGN
     pages = raw[first:first + count * stride].reshape(count, stride)
@@ -324,6 +329,14 @@ def _open_direct(path: str) -> int | None:
         return os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError:  # e.g. a file system without direct I/O
         return None
+
+
+def direct_io(path: str) -> bool:
+    """Whether ``path`` can be read past the page cache: where ``RowReader`` reads it so."""
+    fd = _open_direct(path)
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
 
 
 class RowReader:
@@ -406,7 +419,7 @@ class RowReader:
         start = np.frombuffer(view, dtype=np.uint8).ctypes.data - page.ctypes.data
         if self._direct is None or page.ctypes.data % ALIGN or start != lead or len(page) < lead + len(view):
             return False
-        end = min(len(page), -(-(lead + len(view)) // ALIGN) * ALIGN)
+        end = min(len(page), _whole_pages(lead + len(view)))
         target, filled = memoryview(page)[:end], 0
         try:
             while filled < lead + len(view) and (n := os.preadv(self._direct, [target[filled:]],

@@ -7,7 +7,7 @@ import pytest
 import xxhash
 
 from dldr.errors import DldrError
-from dldr.store import ALIGN, RunStore, paged_rows
+from dldr.store import ALIGN, RunStore, direct_io, paged_rows
 
 
 @pytest.mark.parametrize("algorithm", ["xxh3_128", "sha256"])
@@ -49,15 +49,6 @@ def test_an_entry_without_a_checksum_is_a_clear_error(store):
     store.record({rel: {k: v for k, v in store.manifest[rel].items() if k != "xxh3_128"}})
     with pytest.raises(DldrError, match=r"records no checksum \(xxh3_128 or sha256\) for snapshots/.*re-run `dldr sample`"):
         RunStore(store.url).load_array(rel)
-
-
-def direct_io(path) -> bool:
-    """Whether ``path``'s file system reads past the page cache (O_DIRECT)."""
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-    except (AttributeError, OSError):
-        return False
-    return True
 
 
 def read_paged(reader, counts, misaligned=False):

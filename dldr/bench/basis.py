@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from dldr.basis import basis_rows, basis_shard, build_basis
 from dldr.bench import report
-from dldr.store import MANIFEST, RunStore, paged_rows, snapshot_path
+from dldr.store import MANIFEST, RunStore, direct_io, paged_rows, snapshot_path
 
 
 @dataclass
@@ -98,15 +98,6 @@ def read_once(url: str, direct: bool = False) -> dict[str, Any]:
     return {"bytes": total}
 
 
-def direct_io(url: str) -> bool:
-    """Whether the snapshots' file system can be read past the page cache (O_DIRECT)."""
-    try:
-        os.close(os.open(RunStore(url).abspath(MANIFEST), os.O_RDONLY | os.O_DIRECT))
-    except (AttributeError, OSError):
-        return False
-    return True
-
-
 def streamed(url: str, dim: int) -> dict[str, Any]:
     return {"report": build_basis(RunStore(url), dim).to_dict()}
 
@@ -155,7 +146,9 @@ def run(preset_name: str, work: Path) -> tuple[dict, dict, str, Figure]:
               f"parameters in {time.perf_counter() - start:.0f} s", flush=True)
         row: dict[str, Any] = {}
         runs: dict[str, list[dict[str, Any]]] = {}
-        reads = [("read", read_once, (url,))] + [("direct", read_once, (url, True))] * direct_io(url)
+        reads = [("read", read_once, (url,))]
+        if direct_io(RunStore(url).abspath(MANIFEST)):
+            reads.append(("direct", read_once, (url, True)))
         steps = [*reads, ("streamed", streamed, (url, preset.dim))] * preset.repeats
         steps += [("rows", rank_rows, (url, num_shards)),
                   ("naive", naive, (url, preset.dim, str(work / "naive-basis.npy")))]
