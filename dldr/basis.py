@@ -17,9 +17,9 @@ rank r forms its own rows P_r = (W_r - m_r 1^T) C from its snapshot slice as it 
 seeded Gaussian rows drawn in fixed global row blocks, so any rank can draw its own rows; phase 2
 draws them along the same pass, for their column norms and the variance they capture.
 
-A background thread reads the next block while the current one is computed, on as many threads as
-the process has CPUs (``compute_pool``), and as many more checksum what was read. Peak memory per
-shard: a few blocks of t x rows, plus t x t.
+A background thread reads the next block, several files at a time, while the current one is
+computed on as many threads as the process has CPUs (``compute_pool``), and as many more checksum
+what was read. Peak memory per shard: four blocks of t x rows, reused from block to block, plus t x t.
 
 The per-shard passes are plain functions ``fn(store, *args)``; ``build_basis`` hands them to a
 ``ShardMap``, which runs them one after another here or as Ray tasks next to the shards.
@@ -43,14 +43,16 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from dldr.errors import DldrError
-from dldr.store import RunStore, paged_rows, shard_name
+from dldr.store import RowReader, RunStore, paged_buffer, paged_rows, shard_name
 
-BLOCK_BYTES = 128 << 20  # a block of float32 snapshot rows: 2.2 MB of each file at t = 60
+BLOCK_BYTES = 64 << 20  # a block of float32 snapshot rows: 1.1 MB of each file at t = 60
 RANDOM_BLOCK_ROWS = 1 << 14
 # Rows per float64 Gram product: a chunk stays in cache from the subtraction to the product. (float32
 # products are twice as fast but lose a real trajectory's trailing directions: their eigenvalues
 # lie 1e-6 and more below the largest.)
 GRAM_CHUNK_ROWS = 1 << 11
+# Reads of a block's rows in flight at once: storage serves several requests faster than one at a time.
+IO_THREADS = 4
 COEFFICIENTS, SCALE, REPORT = "basis/coefficients.npy", "basis/scale.npy", "basis/report.json"
 SHARDS = "basis/shard-"  # the rows of P that phase 3 keeps, one file per rank
 ORTHONORMALITY_TOL = 1e-3
@@ -96,12 +98,16 @@ def block_rows(num_snapshots: int, block_bytes: int = BLOCK_BYTES) -> int:
 def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | None = None) -> Iterator[np.ndarray]:
     """Yield read-only t x rows float32 blocks of ``span`` of one shard's rows: row i of a block is snapshot i.
 
-    One thread reads the next block straight into place, past the page cache where it can (each
-    file is read once), while the caller computes on this one; others feed what was read to the
-    checksums, a group of files each, so that the reading thread only waits on storage. Every file
-    is read to its end, and its checksum verified, after the span's last block.
+    A background thread reads the next block straight into place, past the page cache where it can
+    (each file is read once), ``IO_THREADS`` files at a time, while the caller computes on this one;
+    others feed what was read to the checksums, a group of files each, so that reading only waits
+    on storage. A block is valid until the next is asked for: its memory then takes a later block,
+    because memory the process has not touched yet costs more to map than reading into it
+    (benchmarks/README.md, basis). Every file is read to its end, and its checksum verified, after
+    the span's last block.
     """
     readers = []
+    free: collections.deque[np.ndarray] = collections.deque()  # the memory of blocks the caller is done with
     try:
         for rel in rels:
             readers.append(store.row_reader(rel))
@@ -112,9 +118,10 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
                                 "like the other snapshots of its shard; re-run `dldr sample`")
         span = span or slice(0, length[0])
 
-        def read() -> Iterator[np.ndarray]:
+        def read() -> Iterator[tuple[np.ndarray, np.ndarray, list[Future]]]:
             # one single-thread executor per group of files keeps each file's checksum in order
             with contextlib.ExitStack() as stack:
+                io = stack.enter_context(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="dldr-read"))
                 hashers = [stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dldr-checksum"))
                            for _ in range(min(compute_threads(), len(readers)))]
                 hashing: collections.deque[list[Future]] = collections.deque()
@@ -122,23 +129,27 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
                     reader.skip(span.start)
                 for start in range(span.start, span.stop, rows):
                     count = min(rows, span.stop - start)
-                    pages, data = paged_rows(len(readers), count * 4, readers[0].offset)
+                    raw = free.popleft() if free else paged_buffer(len(readers), rows * 4)
+                    pages, data = paged_rows(len(readers), count * 4, readers[0].offset, raw)
                     block = data.view(np.float32)
-                    updates = [reader.read_into(row, page)
-                               for reader, row, page in zip(readers, block, pages, strict=True)]
+                    updates = list(io.map(RowReader.read_into, readers, block, pages))
                     block.flags.writeable = False  # the checksums read it after it is handed on
                     hashing.append([hasher.submit(lambda group: [update() for update in group], updates[k::len(hashers)])
                                     for k, hasher in enumerate(hashers)])
                     while len(hashing) > 2:  # bounds the blocks held for hashing
                         for future in hashing.popleft():
                             future.result()
-                    yield block
+                    yield block, raw, hashing[-1]
                 for future in (f for futures in hashing for f in futures):
                     future.result()
             for reader in readers:
                 reader.finish()
 
-        yield from prefetched(read())
+        for block, raw, hashed in prefetched(read()):
+            yield block
+            for future in hashed:  # done long since, as a rule
+                future.result()
+            free.append(raw)
     finally:
         for reader in readers:
             reader.close()
@@ -236,10 +247,7 @@ def chunk_sums(block: np.ndarray, r: np.ndarray | None, cols: slice) -> list[Sha
     sums = []
     for start in range(cols.start, cols.stop, GRAM_CHUNK_ROWS):
         chunk = slice(start, min(start + GRAM_CHUNK_ROWS, cols.stop))
-        x = shifted[:, :chunk.stop - chunk.start]
-        x[...] = block[:, chunk]
-        x[1:] -= x[0]
-        x[0] = 0.0
+        x = np.subtract(block[:, chunk], block[0, chunk], out=shifted[:, :chunk.stop - chunk.start], dtype=np.float64)
         sums.append(ShardSums(x @ x.T) if r is None else ShardSums(x @ x.T, r[chunk].T @ r[chunk], r[chunk].T @ x.T))
     return sums
 

@@ -294,16 +294,24 @@ def _whole_pages(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
 
-def paged_rows(count: int, row_bytes: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+def paged_buffer(count: int, row_bytes: int) -> np.ndarray:
+    """Memory for ``paged_rows`` of up to ``count`` rows of up to ``row_bytes``, at any offset."""
+    return np.empty(count * _whole_pages(row_bytes + ALIGN) + ALIGN, dtype=np.uint8)
+
+
+def paged_rows(count: int, row_bytes: int, offset: int,
+               raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``count`` page-aligned uint8 rows, and in each the ``row_bytes`` that start at ``offset % ALIGN``.
 
     A ``RowReader`` at file offset ``offset`` reads into such a row past the page cache
     (``read_into(view, page)``): whole pages land at page-aligned addresses, and the data where
-    the view expects it.
+    the view expects it. The rows are cut from ``raw`` (a ``paged_buffer``) where given.
     """
     lead = offset % ALIGN
     stride = _whole_pages(lead + row_bytes)
-    raw = np.empty(count * stride + ALIGN, dtype=np.uint8)
+    raw = paged_buffer(count, row_bytes) if raw is None else raw
+    if raw.size < count * stride + ALIGN:
+        raise ValueError(f"a buffer of {raw.size} bytes cannot hold {count} rows of {row_bytes} bytes")
     first = -raw.ctypes.data % ALIGN
     pages = raw[first:first + count * stride].reshape(count, stride)
     return pages, pages[:, lead:lead + row_bytes]

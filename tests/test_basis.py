@@ -12,7 +12,7 @@ from dldr.basis import (
     shard_pass,
 )
 from dldr.errors import DldrError
-from dldr.store import RunStore, snapshot_path
+from dldr.store import RunStore, paged_buffer, snapshot_path
 from tests.helpers import largest_principal_angle, low_rank_trajectory, write_trajectory
 
 
@@ -155,3 +155,19 @@ def test_prefetched_hands_over_items_and_errors_and_stops_early():
     assert [next(items) for _ in range(3)] == [0, 1, 2]
     items.close()  # the consumer stops: the producer stops too instead of blocking forever
     assert len(produced) <= 3 + 2 + 1
+
+
+def test_snapshot_blocks_are_the_files_rows_read_into_reused_memory(store, monkeypatch):
+    import dldr.basis
+
+    trajectory = low_rank_trajectory(dim=3001, steps=7, rank=3).astype(np.float32)
+    write_trajectory(store, trajectory, 1)
+    buffers = []
+    monkeypatch.setattr(dldr.basis, "paged_buffer", lambda *a: buffers.append(a) or paged_buffer(*a))
+    start, rows = 5, 100
+    for block in dldr.basis.snapshot_blocks(store, store.snapshot_shards()[0], rows, slice(start, 2990)):
+        # every row of a block comes from its own file, at the block's place, in memory read into before
+        np.testing.assert_array_equal(block, trajectory[start:start + block.shape[1]].T)
+        start += block.shape[1]
+    assert start == 2990
+    assert len(buffers) <= 4  # 30 blocks: the one in use, two read ahead, one being read
