@@ -124,7 +124,7 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
                 io = stack.enter_context(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="dldr-read"))
                 hashers = [stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dldr-checksum"))
                            for _ in range(min(compute_threads(), len(readers)))]
-                hashing: collections.deque[list[Future]] = collections.deque()
+                hashing: list[Future] = []
                 for reader in readers:
                     reader.skip(span.start)
                 for start in range(span.start, span.stop, rows):
@@ -134,20 +134,18 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
                     block = data.view(np.float32)
                     updates = list(io.map(RowReader.read_into, readers, block, pages))
                     block.flags.writeable = False  # the checksums read it after it is handed on
-                    hashing.append([hasher.submit(lambda group: [update() for update in group], updates[k::len(hashers)])
-                                    for k, hasher in enumerate(hashers)])
-                    while len(hashing) > 2:  # bounds the blocks held for hashing
-                        for future in hashing.popleft():
-                            future.result()
-                    yield block, raw, hashing[-1]
-                for future in (f for futures in hashing for f in futures):
+                    hashed = [hasher.submit(lambda group: [update() for update in group], updates[k::len(hashers)])
+                              for k, hasher in enumerate(hashers)]
+                    hashing += hashed
+                    yield block, raw, hashed
+                for future in hashing:  # every block's checksum updates come before the files' ends
                     future.result()
             for reader in readers:
                 reader.finish()
 
         for block, raw, hashed in prefetched(read()):
             yield block
-            for future in hashed:  # done long since, as a rule
+            for future in hashed:  # done long since, as a rule; this also bounds how far the checksums lag
                 future.result()
             free.append(raw)
     finally:
