@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
+import numba
 import numpy as np
 from threadpoolctl import threadpool_limits
 
@@ -51,6 +52,7 @@ RANDOM_BLOCK_ROWS = 1 << 14
 # products are twice as fast but lose a real trajectory's trailing directions: their eigenvalues
 # lie 1e-6 and more below the largest.)
 GRAM_CHUNK_ROWS = 1 << 11
+GRAM_TILE = 4  # snapshots per side of a ``gram`` tile: its 16 sums stay in registers
 # Reads of a block's rows in flight at once: storage serves several requests faster than one at a time.
 IO_THREADS = 4
 COEFFICIENTS, SCALE, REPORT = "basis/coefficients.npy", "basis/scale.npy", "basis/report.json"
@@ -237,17 +239,83 @@ def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: st
 
 
 def chunk_sums(block: np.ndarray, r: np.ndarray | None, cols: slice) -> list[ShardSums]:
-    """The sums of each GRAM_CHUNK_ROWS-column chunk of ``block[:, cols]``, its rows shifted by row 0.
-
-    The shift is exact: float32 values are converted to float64 before they are subtracted.
-    """
-    shifted = np.empty((block.shape[0], GRAM_CHUNK_ROWS))
+    """The sums of each GRAM_CHUNK_ROWS-column chunk of ``block[:, cols]``, its rows shifted by row 0."""
+    t = block.shape[0]
+    tiled = -(-t // GRAM_TILE) * GRAM_TILE
+    shifted = np.zeros((tiled, GRAM_CHUNK_ROWS))  # rows past t stay zero, so every tile is whole
+    chunks = [slice(start, min(start + GRAM_CHUNK_ROWS, cols.stop))
+              for start in range(cols.start, cols.stop, GRAM_CHUNK_ROWS)]
+    grams = np.empty((len(chunks), tiled, tiled))
+    if r is None:
+        shifted_grams(block, cols.start, cols.stop, shifted, grams)
+        return [ShardSums(g[:t, :t]) for g in grams]
     sums = []
-    for start in range(cols.start, cols.stop, GRAM_CHUNK_ROWS):
-        chunk = slice(start, min(start + GRAM_CHUNK_ROWS, cols.stop))
-        x = np.subtract(block[:, chunk], block[0, chunk], out=shifted[:, :chunk.stop - chunk.start], dtype=np.float64)
-        sums.append(ShardSums(x @ x.T) if r is None else ShardSums(x @ x.T, r[chunk].T @ r[chunk], r[chunk].T @ x.T))
+    for chunk, g in zip(chunks, grams, strict=True):
+        shifted_grams(block, chunk.start, chunk.stop, shifted, g[None])
+        x = shifted[:t, :chunk.stop - chunk.start]
+        sums.append(ShardSums(g[:t, :t], r[chunk].T @ r[chunk], r[chunk].T @ x.T))
     return sums
+
+
+@numba.njit(nogil=True, cache=True)
+def shifted_grams(block: np.ndarray, start: int, stop: int, shifted: np.ndarray, grams: np.ndarray) -> None:
+    """grams[k] = S_k S_k^T, S_k the k-th GRAM_CHUNK_ROWS-column chunk of ``block[:, start:stop]``
+    with its rows shifted by row 0, which ``shifted`` holds after.
+
+    The shift is exact: float32 values are converted to float64 before they are subtracted. One call
+    covers a run of chunks, so the loop over them runs without the GIL.
+    """
+    t = block.shape[0]
+    for k in range(grams.shape[0]):
+        lo = start + k * GRAM_CHUNK_ROWS
+        n = min(GRAM_CHUNK_ROWS, stop - lo)
+        for row in range(t):
+            for i in range(n):
+                shifted[row, i] = np.float64(block[row, lo + i]) - np.float64(block[0, lo + i])
+        gram(shifted, n, grams[k])
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+def gram(x: np.ndarray, n: int, out: np.ndarray) -> None:
+    """out = x[:, :n] @ x[:, :n].T in float64, for a C-ordered x with a multiple of GRAM_TILE rows.
+
+    BLAS's dsyrk copies a short, wide chunk into its own layout before it multiplies (18% of phase
+    2's time against 27% multiplying). A chunk's rows stay in cache, so this sums 4 x 4 tiles of
+    the lower triangle straight from them, vectorised along the columns, and mirrors it: a chunk's
+    shift and product took 1.6x less time than with dsyrk (benchmarks/README.md, basis). Only the
+    order of the float64 sums may change ("reassoc"); NaN and inf propagate as usual.
+    """
+    t = x.shape[0]
+    for a in range(0, t, 4):
+        for b in range(0, a + 1, 4):
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = 0.0
+            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = 0.0
+            for i in range(n):
+                a0, a1, a2, a3 = x[a, i], x[a + 1, i], x[a + 2, i], x[a + 3, i]
+                b0, b1, b2, b3 = x[b, i], x[b + 1, i], x[b + 2, i], x[b + 3, i]
+                s00 += a0 * b0
+                s01 += a0 * b1
+                s02 += a0 * b2
+                s03 += a0 * b3
+                s10 += a1 * b0
+                s11 += a1 * b1
+                s12 += a1 * b2
+                s13 += a1 * b3
+                s20 += a2 * b0
+                s21 += a2 * b1
+                s22 += a2 * b2
+                s23 += a2 * b3
+                s30 += a3 * b0
+                s31 += a3 * b1
+                s32 += a3 * b2
+                s33 += a3 * b3
+            out[a, b], out[a, b + 1], out[a, b + 2], out[a, b + 3] = s00, s01, s02, s03
+            out[a + 1, b], out[a + 1, b + 1], out[a + 1, b + 2], out[a + 1, b + 3] = s10, s11, s12, s13
+            out[a + 2, b], out[a + 2, b + 1], out[a + 2, b + 2], out[a + 2, b + 3] = s20, s21, s22, s23
+            out[a + 3, b], out[a + 3, b + 1], out[a + 3, b + 2], out[a + 3, b + 3] = s30, s31, s32, s33
+    for a in range(t):
+        for b in range(a + 1, t):
+            out[a, b] = out[b, a]
 
 
 def column_runs(columns: int, parts: int) -> list[slice]:

@@ -9,6 +9,7 @@ from dldr.basis import (
     basis_rows,
     build_basis,
     column_runs,
+    gram,
     shard_pass,
 )
 from dldr.errors import DldrError
@@ -81,7 +82,8 @@ def test_gram_is_exact_and_the_same_on_any_number_of_threads(tmp_path, monkeypat
     # a random walk of full-precision float32 values: unlike a low-rank trajectory's, its float64
     # partial sums round, so adding them in another order gives other bits
     rng = np.random.default_rng(5)
-    trajectory = np.cumsum(rng.standard_normal((3 * GRAM_CHUNK_ROWS + 500, 8)), axis=1)
+    # 7 snapshots: not a whole number of the kernel's 4-snapshot tiles
+    trajectory = np.cumsum(rng.standard_normal((3 * GRAM_CHUNK_ROWS + 500, 7)), axis=1)
     grams = []
     for threads in ("1", "3"):
         monkeypatch.setenv("OMP_NUM_THREADS", threads)
@@ -93,6 +95,17 @@ def test_gram_is_exact_and_the_same_on_any_number_of_threads(tmp_path, monkeypat
     stored = trajectory.astype(np.float32).astype(np.float64)
     shifted = stored - stored[:, :1]
     np.testing.assert_allclose(grams[0], shifted.T @ shifted, rtol=1e-12, atol=1e-12 * np.abs(grams[0]).max())
+
+
+@pytest.mark.parametrize("t, n", [(4, 1), (8, 13), (12, GRAM_CHUNK_ROWS), (64, 1000)])
+def test_gram_kernel_is_the_float64_product_of_the_first_n_columns(t, n):
+    x = np.random.default_rng(t).standard_normal((t, n + 9))
+    x[:, n:] = np.nan  # past n: never read
+    out = np.full((t, t), np.nan)  # every entry is written
+    gram(x, n, out)
+    expected = x[:, :n] @ x[:, :n].T
+    np.testing.assert_allclose(out, expected, rtol=1e-13, atol=1e-13 * np.abs(expected).max())
+    np.testing.assert_array_equal(out, out.T)
 
 
 @pytest.mark.parametrize("columns, parts", [(1, 3), (2048, 2), (2049, 2), (5 * 2048 + 7, 3)])
