@@ -52,7 +52,12 @@ RANDOM_BLOCK_ROWS = 1 << 14
 # products are twice as fast but lose a real trajectory's trailing directions: their eigenvalues
 # lie 1e-6 and more below the largest.)
 GRAM_CHUNK_ROWS = 1 << 11
-GRAM_TILE = 4  # snapshots per side of a ``gram`` tile: its 16 sums stay in registers
+GRAM_TILE = 4  # snapshots per side of a ``chunk_gram`` tile: its 16 sums stay in registers
+# The kernels' argument types, so that numba compiles them (or loads them from its cache) when this
+# module is imported: its first compile or load in a process takes 0.3 to 0.8 s, which in phase 2
+# would leave the reads waiting on full buffers.
+_BLOCK = numba.types.Array(numba.float32, 2, "A", readonly=True)  # as ``snapshot_blocks`` yields them
+_MATRIX = numba.float64[:, ::1]
 # Reads of a block's rows in flight at once: storage serves many requests faster than a few (16 read
 # 5.7 GB in 3.0 s here, 4 in 3.4 s, one file after another in 64 MB requests in 2.8 s).
 IO_THREADS = 16
@@ -227,7 +232,6 @@ def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: st
         sums.rtr, sums.rts = np.zeros((dim, dim)), np.zeros((dim, t))
     row = offset
     with compute_pool() as (pool, threads):
-        loading = pool.submit(load_kernels, t)  # while the first blocks are read
         for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
             r = random_rows(slice(row, row + block.shape[1]), dim, seed) if kind == "random" else None
             for part in pool.map(functools.partial(chunk_sums, block, r), column_runs(block.shape[1], threads)):
@@ -237,18 +241,7 @@ def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: st
                         sums.rtr += chunk.rtr
                         sums.rts += chunk.rts
             row += block.shape[1]
-        loading.result()
     return sums
-
-
-def load_kernels(t: int) -> None:
-    """Has numba load (or compile) the kernels for blocks of t snapshots as ``snapshot_blocks``
-    makes them: its first call in a process takes 0.4 to 0.8 s."""
-    _, data = paged_rows(t, 4, 0)
-    block = data.view(np.float32)
-    block[:] = 0.0
-    block.flags.writeable = False
-    chunk_sums(block, None, slice(0, 1))
 
 
 def chunk_sums(block: np.ndarray, r: np.ndarray | None, cols: slice) -> list[ShardSums]:
@@ -270,26 +263,8 @@ def chunk_sums(block: np.ndarray, r: np.ndarray | None, cols: slice) -> list[Sha
     return sums
 
 
-@numba.njit(nogil=True, cache=True)
-def shifted_grams(block: np.ndarray, start: int, stop: int, shifted: np.ndarray, grams: np.ndarray) -> None:
-    """grams[k] = S_k S_k^T, S_k the k-th GRAM_CHUNK_ROWS-column chunk of ``block[:, start:stop]``
-    with its rows shifted by row 0, which ``shifted`` holds after.
-
-    The shift is exact: float32 values are converted to float64 before they are subtracted. One call
-    covers a run of chunks, so the loop over them runs without the GIL.
-    """
-    t = block.shape[0]
-    for k in range(grams.shape[0]):
-        lo = start + k * GRAM_CHUNK_ROWS
-        n = min(GRAM_CHUNK_ROWS, stop - lo)
-        for row in range(t):
-            for i in range(n):
-                shifted[row, i] = np.float64(block[row, lo + i]) - np.float64(block[0, lo + i])
-        gram(shifted, n, grams[k])
-
-
-@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
-def gram(x: np.ndarray, n: int, out: np.ndarray) -> None:
+@numba.njit(numba.void(_MATRIX, numba.int64, _MATRIX), fastmath={"reassoc", "contract"}, nogil=True, cache=True)
+def chunk_gram(x: np.ndarray, n: int, out: np.ndarray) -> None:
     """out = x[:, :n] @ x[:, :n].T in float64, for a C-ordered x with a multiple of GRAM_TILE rows.
 
     BLAS's dsyrk copies a short, wide chunk into its own layout before it multiplies (18% of phase
@@ -329,6 +304,24 @@ def gram(x: np.ndarray, n: int, out: np.ndarray) -> None:
     for a in range(t):
         for b in range(a + 1, t):
             out[a, b] = out[b, a]
+
+
+@numba.njit(numba.void(_BLOCK, numba.int64, numba.int64, _MATRIX, numba.float64[:, :, ::1]), nogil=True, cache=True)
+def shifted_grams(block: np.ndarray, start: int, stop: int, shifted: np.ndarray, grams: np.ndarray) -> None:
+    """grams[k] = S_k S_k^T, S_k the k-th GRAM_CHUNK_ROWS-column chunk of ``block[:, start:stop]``
+    with its rows shifted by row 0, which ``shifted`` holds after.
+
+    The shift is exact: float32 values are converted to float64 before they are subtracted. One call
+    covers a run of chunks, so the loop over them runs without the GIL.
+    """
+    t = block.shape[0]
+    for k in range(grams.shape[0]):
+        lo = start + k * GRAM_CHUNK_ROWS
+        n = min(GRAM_CHUNK_ROWS, stop - lo)
+        for row in range(t):
+            for i in range(n):
+                shifted[row, i] = np.float64(block[row, lo + i]) - np.float64(block[0, lo + i])
+        chunk_gram(shifted, n, grams[k])
 
 
 def column_runs(columns: int, parts: int) -> list[slice]:

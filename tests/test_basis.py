@@ -9,7 +9,7 @@ from dldr.basis import (
     basis_rows,
     build_basis,
     column_runs,
-    gram,
+    chunk_gram,
     shard_pass,
 )
 from dldr.errors import DldrError
@@ -102,7 +102,7 @@ def test_gram_kernel_is_the_float64_product_of_the_first_n_columns(t, n):
     x = np.random.default_rng(t).standard_normal((t, n + 9))
     x[:, n:] = np.nan  # past n: never read
     out = np.full((t, t), np.nan)  # every entry is written
-    gram(x, n, out)
+    chunk_gram(x, n, out)
     expected = x[:, :n] @ x[:, :n].T
     np.testing.assert_allclose(out, expected, rtol=1e-13, atol=1e-13 * np.abs(expected).max())
     np.testing.assert_array_equal(out, out.T)
