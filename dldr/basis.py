@@ -347,8 +347,8 @@ def compute_threads() -> int:
 def compute_pool() -> Iterator[tuple[ThreadPoolExecutor, int]]:
     """A pool of ``compute_threads()`` threads, with BLAS single-threaded meanwhile.
 
-    numpy's ufuncs and BLAS release the GIL, so the threads use as many cores; BLAS's own threads
-    would only oversubscribe them (the products are t x t, too small to split well).
+    The Gram kernels, numpy's ufuncs and BLAS release the GIL, so the threads use as many cores;
+    BLAS's own threads would only oversubscribe them (the products are t x t, too small to split well).
     """
     threads = compute_threads()
     with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads, thread_name_prefix="dldr-compute") as pool:
