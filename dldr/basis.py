@@ -54,7 +54,7 @@ RANDOM_BLOCK_ROWS = 1 << 14
 GRAM_CHUNK_ROWS = 1 << 11
 GRAM_TILE = 4  # snapshots per side of a ``chunk_gram`` tile: its 16 sums stay in registers
 # The kernels' argument types, so that numba compiles them (or loads them from its cache) when this
-# module is imported: its first compile or load in a process takes 0.3 to 0.8 s, which in phase 2
+# module is imported: its first compile or load in a process takes 0.35 to 0.8 s, which in phase 2
 # would leave the reads waiting on full buffers.
 _BLOCK = numba.types.Array(numba.float32, 2, "A", readonly=True)  # as ``snapshot_blocks`` yields them
 _MATRIX = numba.float64[:, ::1]
