@@ -1,8 +1,19 @@
 """Test helpers: trajectories with a known principal subspace, written as phase 1 would."""
+import re
+
 import numpy as np
 
 from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
+
+
+# A line Ray's raylet forwards to the driver's stderr about the machine ("... is over 95% full"): Ray's, not dldr's.
+RAYLET_LINE = re.compile(r"^(\x1b\[[0-9;]*m)*\(raylet\)")
+
+
+def stderr_lines(err: str) -> list[str]:
+    """A command's own stderr lines, without the raylet's notes about the machine."""
+    return [line for line in err.strip().splitlines() if not RAYLET_LINE.match(line)]
 
 
 def write_trajectory(store: RunStore, trajectory: np.ndarray, num_shards: int) -> None:

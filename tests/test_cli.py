@@ -16,6 +16,7 @@ from dldr.cli import main
 from dldr.params import FlatParams, trainable
 from dldr.phases import evaluate, open_run
 from dldr.store import RunStore
+from tests.helpers import stderr_lines
 
 SHARD = "basis/shard-00000-of-00001.npy"
 SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2", "--quiet"]
@@ -141,7 +142,7 @@ def test_default_fit_reaches_097_on_digits(tmp_path):
 
 
 def _error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
+    err = stderr_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("dldr: error: "), err
     return err[0]
 

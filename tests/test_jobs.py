@@ -15,6 +15,7 @@ import pytest
 
 from dldr.cli import main, run
 from dldr.store import RunStore
+from tests.helpers import stderr_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "jobs" / "digits.yaml")
@@ -126,7 +127,7 @@ def test_a_failed_job_fails_submit_wait_with_the_jobs_own_error(cluster_env, tmp
     missing = tmp_path / "no-cifar"
     assert main(["submit", DIGITS, "--address", cluster_env.address, "--wait", "--quiet", "--data",
                  f"cifar10:{missing}", "--run-dir", str(tmp_path / "failed")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = stderr_lines(capsys.readouterr().err)
     assert len(err) == 1 and re.match(r"dldr: error: job dldr-digits-\S+ failed: no cifar-10-batches-py/ folder at "
                                       + re.escape(str(missing)), err[0]), err
 
@@ -165,7 +166,7 @@ def test_bad_input_is_one_line(head, tmp_path, case):
         args = ["status", "dldr-nothing-here"]
     out = _cli([*args, "--address", address], env)
     assert out.returncode == 1, out
-    lines = out.stderr.strip().splitlines()
+    lines = stderr_lines(out.stderr)
     assert len(lines) == 1 and lines[0].startswith("dldr: error: ") and expected in lines[0], lines
     assert not (tmp_path / "never").exists()
 
