@@ -21,7 +21,7 @@ from dldr.cli import main
 from dldr.config import Config
 from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
-from tests.helpers import largest_principal_angle, write_cifar, write_imagefolder
+from tests.helpers import largest_principal_angle, stderr_lines, write_cifar, write_imagefolder
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 NUM_PARAMS = 85_002
@@ -188,7 +188,7 @@ def test_an_unreachable_or_dashboard_address_is_one_line(tmp_path, address, mess
     out = subprocess.run([sys.executable, "-m", "dldr.cli", "fit", "--address", address, "--run-dir",
                           str(tmp_path / "r"), "--quiet"], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 1
-    lines = out.stderr.strip().splitlines()
+    lines = stderr_lines(out.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"dldr: error: {message}")
     assert not (tmp_path / "r").exists()
 
