@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from dldr.config import CHOICES, Config, read_spec
+from dldr.config import CHOICES, SNAPSHOTS, Config, field_type, read_spec
 from dldr.errors import DldrError
 from dldr.store import RunStore, holds_run
 
@@ -20,14 +20,19 @@ if TYPE_CHECKING:
 # Flags shared by every command, each a Config field; only the flags given override the config.
 _HELP = {
     "model": "timm model name, or mlp (default for digits)",
-    "data": "data set: digits (bundled), cifar10:DIR, cifar100:DIR, imagefolder:DIR, ffcv:TRAIN.beton,VAL.beton "
-            "or synthetic:CxHxW:K",
+    "data": "data set: digits (bundled), fashion-mnist[:DIR], mnist:DIR, kmnist:DIR, cifar10:DIR, cifar100:DIR, "
+            "imagefolder:DIR, ffcv:TRAIN.beton,VAL.beton or synthetic:CxHxW:K",
     "image_size": "crop size of imagefolder and ffcv data",
     "loader_workers": "image decoding processes (ffcv: threads) of imagefolder and ffcv data",
     "precision": "fp32, or bf16 autocast (fp32 weights)",
     "run_dir": "run directory: a local path or an fsspec URL",
     "sample_epochs": "SGD epochs of phase 1",
     "snapshot_every": "snapshot every K SGD steps; 0 = at the start and after every epoch",
+    "lr_schedule": "learning-rate schedule of phase 1 (and of P-SGD), stepped every step",
+    "lr_milestones": "fractions of the phase at which --lr-schedule step multiplies the learning rate by --lr-gamma, "
+                     "comma separated",
+    "lr_gamma": "factor of each --lr-schedule step decay",
+    "warmup_epochs": "epochs of linear learning-rate warm-up before the schedule (may be fractional)",
     "dim": "subspace dimension d",
     "start": "w_start: the first or last snapshot, or their mean",
     "optimizer": "phase 3 optimizer",
@@ -56,7 +61,8 @@ _HELP = {
 }
 
 
-_DEFAULTS = {"run_dir": "runs/<time>", "subspace_batch_size": "--batch-size", "address": "RAY_ADDRESS, else a local instance"}
+_DEFAULTS = {"run_dir": "runs/<time>", "subspace_batch_size": "--batch-size", "address": "RAY_ADDRESS, else a local instance",
+             "snapshot_every": f"evenly spaced, about max({SNAPSHOTS}, --dim) snapshots", "lr_milestones": "0.667, the paper's"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +75,7 @@ class _Parser(argparse.ArgumentParser):
 def _config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for f in fields(Config):
         if f.name not in skip:
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(f.default),
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=field_type(f),
                                 choices=CHOICES.get(f.name), default=argparse.SUPPRESS,
                                 help=f"{_HELP[f.name]} (default: {_DEFAULTS.get(f.name, f.default)})")
 

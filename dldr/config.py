@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
 from dldr.errors import DldrError
+from dldr.schedule import KINDS, PAPER_MILESTONES, Schedule
+
+# phase 1 takes about this many snapshots unless --snapshot-every says otherwise (and at least --dim + 1)
+SNAPSHOTS = 50
 
 CHOICES = {
     "start": ("first", "last", "mean"),
@@ -17,6 +21,7 @@ CHOICES = {
     "device": ("cpu", "cuda"),
     "precision": ("fp32", "bf16"),
     "armijo_backtrack": ("interpolate", "geometric"),
+    "lr_schedule": KINDS,
 }
 
 
@@ -45,13 +50,20 @@ class Config:
     # bf16 autocast of the forward and backward passes (fp32 master weights, snapshots and basis)
     precision: str = "fp32"
     # phase 1: SGD with momentum and weight decay, snapshots at the start and every
-    # ``snapshot_every`` iterations (0: after every epoch). The defaults suit the small digits
-    # set (11 steps an epoch, so 56 snapshots); large data sets snapshot once an epoch or less.
+    # ``snapshot_every`` iterations (0: after every epoch; None: evenly spaced, about SNAPSHOTS
+    # of them, so 56 on digits' 11 steps an epoch and 51 on Fashion-MNIST's 468)
     sample_epochs: int = 10
-    snapshot_every: int = 2
+    snapshot_every: int | None = field(default=None, metadata={"type": int})
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # the learning-rate schedule of phase 1 (and of P-SGD in phase 3), stepped every step:
+    # constant, step (times lr_gamma at each of lr_milestones, fractions of the phase; empty:
+    # the paper's 2/3) or cosine, after warmup_epochs of linear warm-up (``dldr.schedule``)
+    lr_schedule: str = "constant"
+    lr_milestones: str = ""
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
     # phase 2: the d-dimensional basis
     dim: int = 40
     subspace: str = "trajectory"
@@ -91,10 +103,41 @@ class Config:
                 raise DldrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0:
             raise DldrError(f"--cpus-per-worker must be above 0, got {self.cpus_per_worker}")
-        if self.snapshot_every < 0:
+        if self.snapshot_every is not None and self.snapshot_every < 0:
             raise DldrError(f"--snapshot-every must be 0 (each epoch) or a number of steps, got {self.snapshot_every}")
+        self._check_schedule()
         if not self.run_dir:
             self.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
+
+    def _check_schedule(self) -> None:
+        milestones = self.schedule.milestones
+        if not 0 < self.lr_gamma <= 1:
+            raise DldrError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.lr_milestones and self.lr_schedule != "step":
+            raise DldrError(f"--lr-milestones {self.lr_milestones} are the decays of --lr-schedule step, "
+                            f"not of {self.lr_schedule}; add --lr-schedule step or leave them out")
+        phases = {"--sample-epochs": self.sample_epochs}
+        if self.optimizer == "psgd":
+            phases["--subspace-epochs"] = self.subspace_epochs
+        for flag, epochs in phases.items():
+            if not 0 <= self.warmup_epochs < epochs:
+                raise DldrError(f"--warmup-epochs must be 0 or more and below {flag} {epochs}, got {self.warmup_epochs}")
+            if self.lr_schedule == "step" and milestones[0] * epochs <= self.warmup_epochs:
+                raise DldrError(f"the first --lr-milestones decay, at {milestones[0]:g} of {flag} {epochs}, falls "
+                                f"inside the {self.warmup_epochs:g} --warmup-epochs; give a later milestone or a "
+                                "shorter warm-up")
+
+    @property
+    def schedule(self) -> Schedule:
+        """The learning-rate schedule of phase 1 (and of P-SGD in phase 3)."""
+        return Schedule(self.lr_schedule, _fractions(self.lr_milestones) or PAPER_MILESTONES, self.lr_gamma,
+                        self.warmup_epochs)
+
+    def snapshot_interval(self, steps_per_epoch: int) -> int:
+        """Phase 1's steps between snapshots; 0: one after every epoch."""
+        if self.snapshot_every is not None:
+            return self.snapshot_every
+        return max(1, self.sample_epochs * steps_per_epoch // max(SNAPSHOTS, self.dim))
 
     @property
     def train_batch_size(self) -> int:
@@ -139,6 +182,11 @@ class Resources:
 RESOURCES = "resources"
 
 
+def field_type(f: Any) -> type:
+    """The type a configuration value is converted to: the default's, or the one a None default names."""
+    return f.metadata.get("type", type(f.default))
+
+
 def read_spec(text: str, source: str) -> tuple[dict[str, Any], Resources]:
     """A job spec (or a ``--config`` file): configuration keys, plus an optional ``resources`` mapping."""
     values = _mapping(text, source)
@@ -147,6 +195,18 @@ def read_spec(text: str, source: str) -> tuple[dict[str, Any], Resources]:
         raise DldrError(f"{source}: resources must be a mapping of keys to values")
     Config.from_dict(values, source=source)
     return values, Resources(**_typed(Resources, resources, f"{source}: resources"))
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """``--lr-milestones``: increasing fractions in (0, 1), comma separated."""
+    try:
+        values = tuple(float(v) for v in text.split(",")) if text.strip() else ()
+    except ValueError:
+        values = (-1.0,)
+    if any(not 0 < v < 1 for v in values) or list(values) != sorted(set(values)):
+        raise DldrError(f"--lr-milestones must be increasing fractions of the phase in (0, 1), comma separated "
+                        f"(e.g. 0.5,0.75 for epochs 50 and 75 of 100), got {text!r}")
+    return values
 
 
 def _mapping(text: str, source: str) -> dict[str, Any]:
@@ -166,7 +226,12 @@ def _typed(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in values.items():
         if key not in known:
             raise DldrError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
-        kind = type(known[key].default)
+        kind = field_type(known[key])
+        if value is None and known[key].default is None:
+            typed[key] = None
+            continue
+        if kind is str and isinstance(value, list):  # a YAML list of milestones
+            value = ",".join(map(str, value))
         try:
             typed[key] = kind(value)
         except (TypeError, ValueError):

@@ -9,6 +9,7 @@ from timm.models import register_model
 from torch import nn
 
 from dldr import cifar_resnet  # noqa: F401  (registers cifar_resnet20, 32, 44, 56, 110 with timm)
+from dldr import small_cnns  # noqa: F401  (registers lenet5 and cnn_pool with timm)
 from dldr.errors import DldrError
 
 
@@ -66,7 +67,7 @@ def create(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Modu
     """``name`` for the data set's classes, channels and image size (for models built for one size)."""
     if not timm.is_model(name):
         raise DldrError(f"unknown model {name!r}; use a timm model name (see timm.list_models()), "
-                        "cifar_resnet20/32/44/56/110, mlp or cnn")
+                        "cifar_resnet20/32/44/56/110, mlp, cnn, lenet5 or cnn_pool")
     kwargs = {"num_classes": num_classes, "in_chans": input_shape[0]}
     try:
         try:

@@ -39,6 +39,8 @@ SUBSPACE_STATE = "subspace/state.pt"
 TRAIN_KEYS = ("model", "data", "image_size", "seed", "batch_size", "subspace_batch_size", "label_noise", "holdout",
               "start", "optimizer", "subspace_lr", "momentum", "armijo_sigma", "armijo_beta", "armijo_backtrack",
               "max_trials")
+# ... and for P-SGD, whose learning-rate schedule spans the phase's epochs
+PSGD_KEYS = ("subspace_epochs", "lr_schedule", "lr_milestones", "lr_gamma", "warmup_epochs")
 
 
 class Session:
@@ -190,6 +192,9 @@ def sample(run: Run) -> dict[str, Any]:
     flat = FlatParams(trainable(model))
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
     opt = torch.optim.SGD(flat.params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps_per_epoch = data.steps(cfg.batch_size, comm.world_size)
+    scheduler = cfg.schedule.build(opt, steps_per_epoch, cfg.sample_epochs)
+    every = cfg.snapshot_interval(steps_per_epoch)
     resumed = run.session.restore()
     if resumed is None:
         first_epoch, step, snapshots = 1, 0, 1
@@ -203,6 +208,7 @@ def sample(run: Run) -> dict[str, Any]:
         shared = resumed["shared"]
         model.load_state_dict(shared["model"])
         opt.load_state_dict(shared["optimizer"])
+        scheduler.load_state_dict(shared["scheduler"])
         _set_rng(resumed["rank"], run.device)
         first_epoch, step, snapshots = shared["epoch"] + 1, shared["step"], shared["snapshots"]
         if run.main:
@@ -210,7 +216,6 @@ def sample(run: Run) -> dict[str, Any]:
             store.remove_files(set(store.files("snapshots/")) - set(shared["snapshot_files"]))
     run.barrier()  # no rank writes a snapshot before rank 0 has removed the stale ones
 
-    steps_per_epoch = data.steps(cfg.batch_size, comm.world_size)
     with BackgroundWriter(store) as writer, run.bar("sample", cfg.sample_epochs * steps_per_epoch) as bar:
         def snapshot() -> None:
             writer.submit(snapshot_path(comm.rank, comm.world_size, step), flat.get(shard).cpu().numpy())
@@ -223,30 +228,34 @@ def sample(run: Run) -> dict[str, Any]:
             for xb, yb in data.train_batches(cfg.batch_size, cfg.seed, epoch, comm.rank, comm.world_size):
                 with run.autocast():
                     loss = F.cross_entropy(net(run.inputs(xb)), yb.to(run.device))
-                losses.append(_finite(loss, "sampling", epoch, "lower --lr"))
+                losses.append(_finite(loss, "sampling", epoch, "lower --lr or add --warmup-epochs"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                lr = scheduler.get_last_lr()[0]  # this step's
                 opt.step()
+                scheduler.step()
                 step += 1
-                if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+                if every and step % every == 0:
                     snapshot()
                     snapshots += 1
                 run.session.after_step(step)
                 bar.update()
-            if not cfg.snapshot_every:
+            if not every:
                 snapshot()
                 snapshots += 1
             writer.flush()
             _commit(run)
-            metrics = _epoch_metrics(run, model, data, losses, epoch=epoch, step=step, lr=cfg.lr,
+            metrics = _epoch_metrics(run, model, data, losses, epoch=epoch, step=step, lr=lr,
                                      seconds=time.perf_counter() - start)
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", test_acc=f"{metrics['test_accuracy']:.4f}")
             run.log.log("sample", **metrics)
             run.session.report(metrics, state={
-                "shared": {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "shared": {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": scheduler.state_dict(), "epoch": epoch,
                            "step": step, "snapshots": snapshots, "snapshot_files": store.files("snapshots/")},
                 "rank": _rng(run.device)})
     result = {"seconds": time.perf_counter() - start, "epochs": cfg.sample_epochs, "snapshots": snapshots,
+              "snapshot_every": every,
               "test_accuracy": run.log.records[-1]["test_accuracy"], "workers": comm.world_size,
               "largest_snapshot_bytes": comm.all_gather_object(writer.largest_bytes)}
     if run.main:
@@ -366,7 +375,7 @@ def make_optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.o
 
 def _fingerprint(cfg: Config, store: RunStore) -> str:
     """What phase 3 depends on; a saved state resumes only under the same fingerprint."""
-    keys = {k: getattr(cfg, k) for k in TRAIN_KEYS}
+    keys = {k: getattr(cfg, k) for k in TRAIN_KEYS + (PSGD_KEYS if cfg.optimizer == "psgd" else ())}
     keys["basis"] = [store.checksum(rel) for rel in store.files("basis/")  # phase 2's files
                      if not rel.startswith(SHARDS)]
     return json.dumps(keys, sort_keys=True)
@@ -412,12 +421,18 @@ def train(run: Run) -> dict[str, Any]:
     model = build_model(run, data)
     subspace = load_subspace(run, model)
     opt = make_optimizer(cfg, model, subspace)
+    batch_size = cfg.train_batch_size
+    steps_per_epoch = data.steps(batch_size, comm.world_size)
+    # P-SGD follows the run's learning-rate schedule over phase 3; P-BFGS's line search sets its own steps
+    scheduler = cfg.schedule.build(opt, steps_per_epoch, cfg.subspace_epochs) if cfg.optimizer == "psgd" else None
     fingerprint = _fingerprint(cfg, store)
     saved = _saved_state(run, fingerprint)
     first_epoch = 1
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
         first_epoch = saved["epoch"] + 1
     else:
         recompute_batchnorm(run, model, data)
@@ -428,8 +443,6 @@ def train(run: Run) -> dict[str, Any]:
     run.barrier()
     net = comm.data_parallel(model)
     model.train()
-    batch_size = cfg.train_batch_size
-    steps_per_epoch = data.steps(batch_size, comm.world_size)
     stats = _optimizer_stats(opt, max(first_epoch - 1, 1) * steps_per_epoch)
     with run.bar(f"train ({cfg.optimizer}, d={subspace.dim})", cfg.subspace_epochs * steps_per_epoch) as bar:
         bar.update((first_epoch - 1) * steps_per_epoch)
@@ -440,6 +453,8 @@ def train(run: Run) -> dict[str, Any]:
                                             start=(epoch - 1) * steps_per_epoch + 1):
                 losses.append(_finite(_step(run, opt, net, xb, yb), "subspace", epoch,
                                       "try --start mean, a smaller --dim or --optimizer pbfgs"))
+                if scheduler is not None:
+                    scheduler.step()
                 run.session.after_step(step)
                 bar.update()
             if epoch == cfg.subspace_epochs:
@@ -452,7 +467,8 @@ def train(run: Run) -> dict[str, Any]:
             if run.main:
                 buffer = io.BytesIO()
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "fingerprint": fingerprint}, buffer)
+                            "fingerprint": fingerprint,
+                            "scheduler": scheduler.state_dict() if scheduler is not None else None}, buffer)
                 store.write_bytes(SUBSPACE_STATE, buffer.getvalue())
             run.session.report(metrics)
     test_acc = run.log.records[-1]["test_accuracy"]

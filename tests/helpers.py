@@ -76,3 +76,29 @@ def write_imagefolder(root, classes: int = 3, per_class: tuple[int, int] = (16, 
                 h, w = rng.integers(24, 48, 2)
                 pixels = np.clip(rng.normal(100, 50, (h, w, 3)) + tint, 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def write_idx_folder(root, train: int = 240, test: int = 60, size: int = 28, classes: int = 10,
+                     zipped: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+    """An MNIST-layout folder of IDX files (gzipped or raw) whose images a model can learn: each class
+    lights its own square of the image. Returns the arrays written, by file name."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for prefix, count in (("train", train), ("t10k", test)):
+        labels = rng.integers(0, classes, count).astype(np.uint8)
+        images = rng.integers(0, 60, (count, size, size)).astype(np.uint8)
+        cell = size // 4
+        for i, label in enumerate(labels):
+            r, c = divmod(int(label), 4)
+            images[i, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] += 180
+        for name, array, magic in ((f"{prefix}-images-idx3-ubyte", images, 0x803),
+                                   (f"{prefix}-labels-idx1-ubyte", labels, 0x801)):
+            raw = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
+            path = root / (f"{name}.gz" if zipped else name)
+            path.write_bytes(gzip.compress(raw) if zipped else raw)
+            written[name] = array
+    return written

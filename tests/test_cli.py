@@ -149,7 +149,7 @@ def _error_line(capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "no_such_net"], "unknown model 'no_such_net'"),
-    (["--data", "mnist"], "unknown data set 'mnist'"),
+    (["--data", "no_such_set"], "unknown data set 'no_such_set'"),
     (["--dim", "200"], "--dim 200 needs at least 201 snapshots, the run has 34"),
     (["--start", "middle"], "argument --start: invalid choice: 'middle'"),
     pytest.param(["--device", "cuda"], "torch sees no CUDA GPU",

@@ -78,3 +78,34 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path):
         losses[precision] = [json.loads(r)["train_loss"] for r in records if '"epoch"' in r]
     for fp32, bf16 in zip(losses["fp32"], losses["bf16"]):
         assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.05)
+
+
+@pytest.mark.parametrize("name, params", [("lenet5", 61_706), ("cnn_pool", 20_538), ("cifar_resnet20", 269_434),
+                                          ("mlp", 269_322), ("cnn", 29_162)])
+def test_every_registered_model_takes_28_pixel_grayscale_images(name, params):
+    """The MNIST family's shape; LeNet-5 has its classic 61.7k parameters there."""
+    model = models.create(name, 10, (1, 28, 28))
+    assert num_params(model) == params
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_the_small_cnns_are_what_they_say():
+    lenet = models.create("lenet5", 10, (1, 28, 28))
+    assert [m.kernel_size for m in lenet.modules() if isinstance(m, torch.nn.Conv2d)] == [(5, 5), (5, 5)]
+    assert [m.out_features for m in lenet.modules() if isinstance(m, torch.nn.Linear)] == [120, 84, 10]
+    pool = models.create("cnn_pool", 10, (1, 28, 28))
+    kinds = [type(m).__name__ for m in pool.features]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 2 + ["Flatten"]
+    assert pool.head.in_features == 32 * 7 * 7
+
+
+def test_a_cifar_resnet_through_all_phases_on_mnist_format_data(tmp_path):
+    from tests.helpers import write_idx_folder
+
+    write_idx_folder(tmp_path / "mnist", train=128, test=32)
+    run_dir = str(tmp_path / "run")
+    assert main(["fit", "--run-dir", run_dir, "--workers", "0", "--model", "cifar_resnet20", "--data",
+                 f"mnist:{tmp_path / 'mnist'}", "--batch-size", "32", "--sample-epochs", "2", "--snapshot-every", "1",
+                 "--dim", "4", "--subspace-epochs", "1", "--quiet"]) == 0
+    summary = RunStore(run_dir).read_json("summary.json")
+    assert summary["phases"]["sample"]["snapshots"] == 9 and 0 <= summary["test_accuracy"] <= 1

@@ -2,6 +2,8 @@
 
 ==================================  =====================================================
 ``digits``                          scikit-learn's bundled 8x8 digits (real, no download)
+``fashion-mnist[:DIR]``             Fashion-MNIST's IDX files (default: the Debian package's folder)
+``mnist:DIR``, ``kmnist:DIR``       MNIST's, KMNIST's IDX files
 ``cifar10:DIR``, ``cifar100:DIR``   the python-version CIFAR folders, crop + flip
 ``imagefolder:DIR``                 DIR/train/CLASS/*, DIR/val/CLASS/*; ImageNet crops
 ``ffcv:TRAIN.beton,VAL.beton``      files written by ``dldr data convert``
@@ -12,10 +14,12 @@ from __future__ import annotations
 
 from dldr.data import tensors
 from dldr.data.cifar import LAYOUTS as CIFAR_LAYOUTS
+from dldr.data.idx import LAYOUTS as IDX_LAYOUTS
 from dldr.data.source import DataSource, noisy_labels
 from dldr.errors import DldrError
 
-SPECS = "digits, cifar10:DIR, cifar100:DIR, imagefolder:DIR, ffcv:TRAIN.beton,VAL.beton or synthetic:CxHxW:K"
+SPECS = ("digits, fashion-mnist[:DIR], mnist:DIR, kmnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR, "
+         "ffcv:TRAIN.beton,VAL.beton or synthetic:CxHxW:K")
 
 __all__ = ["SPECS", "DataSource", "load", "noisy_labels"]
 
@@ -33,6 +37,8 @@ def load(spec: str, label_noise: float = 0.0, seed: int = 0, image_size: int = 2
     name, _, args = spec.partition(":")
     if name == "digits" and not args:
         data: DataSource = tensors.digits()
+    elif name in IDX_LAYOUTS:
+        data = tensors.idx_folder(name, args)
     elif name in CIFAR_LAYOUTS and args:
         data = tensors.cifar_folder(name, args)
     elif name == "imagefolder" and args:

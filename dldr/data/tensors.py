@@ -1,8 +1,10 @@
-"""Data sets small enough to hold in memory as raw pixel tensors: digits, CIFAR, synthetic.
+"""Data sets small enough to hold in memory as raw pixel tensors: digits, MNIST family, CIFAR, synthetic.
 
 Images stay in their raw integer form (a quarter of the memory of floats) and are normalised
 per batch. ``digits`` is scikit-learn's bundled 8x8 handwritten digits (real data, no download),
-split into train and test with a fixed seed so every run sees the same split. ``cifar10:DIR`` and
+split into train and test with a fixed seed so every run sees the same split. ``mnist:DIR``,
+``fashion-mnist[:DIR]`` and ``kmnist:DIR`` read the IDX files of the official split
+(``dldr.data.idx``), normalised with the training images' own mean and deviation. ``cifar10:DIR`` and
 ``cifar100:DIR`` read the python-version CIFAR folders (``dldr.data.cifar``), normalised per
 channel with CIFAR's own statistics and augmented with the standard 4-pixel random crop and
 horizontal flip. ``synthetic:CxHxW:K`` is seeded random pixels with random labels of any shape,
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dldr.data import cifar
+from dldr.data import cifar, idx
 from dldr.data.source import (
     CROP_PADDING,
     Batch,
@@ -127,6 +129,15 @@ def digits() -> TensorSource:
     scaled = x[train].float() / 16.0
     stats = Stats((float(scaled.mean()),), (float(scaled.std()),))
     return TensorSource("digits", x[train], y[train], x[test], y[test], 10, stats, scale=16.0)
+
+
+def idx_folder(kind: str, root: str) -> TensorSource:
+    """An MNIST-family set: 1 x H x W images of the fixed official train/test split."""
+    train_x, train_y, test_x, test_y = (torch.from_numpy(a) for a in idx.read(kind, idx.root_of(kind, root)))
+    scaled = train_x.float().div_(255.0)
+    stats = Stats((float(scaled.mean()),), (float(scaled.std()),))
+    return TensorSource(kind, train_x.unsqueeze(1), train_y, test_x.unsqueeze(1), test_y,
+                        idx.LAYOUTS[kind].num_classes, stats)
 
 
 def cifar_folder(kind: str, root: str) -> TensorSource:
