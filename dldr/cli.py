@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from dldr.config import CHOICES, SNAPSHOTS, Config, field_type, read_spec
+from dldr.config import CHOICES, SNAPSHOTS, SUBSPACE_BATCHES, Config, field_type, read_spec
 from dldr.errors import DldrError
 from dldr.store import RunStore, holds_run
 
@@ -38,7 +38,7 @@ _HELP = {
     "optimizer": "phase 3 optimizer",
     "subspace": "the DLDR basis, or random directions (for comparison)",
     "subspace_epochs": "epochs of phase 3",
-    "batch_size": "mini-batch size of phase 1 (and of phase 3 unless --subspace-batch-size is given)",
+    "batch_size": "mini-batch size of phase 1",
     "subspace_batch_size": "mini-batch size of phase 3",
     "holdout": "fraction of the training images held out as a validation set, logged as val_accuracy",
     "lr": "SGD learning rate of phase 1",
@@ -61,8 +61,10 @@ _HELP = {
 }
 
 
-_DEFAULTS = {"run_dir": "runs/<time>", "subspace_batch_size": "--batch-size", "address": "RAY_ADDRESS, else a local instance",
-             "snapshot_every": f"evenly spaced, about max({SNAPSHOTS}, --dim) snapshots", "lr_milestones": "0.667, the paper's"}
+_DEFAULTS = {"run_dir": "runs/<time>", "address": "RAY_ADDRESS, else a local instance",
+             "subspace_batch_size": f"{SUBSPACE_BATCHES} x --batch-size, at most the training set",
+             "snapshot_every": f"evenly spaced, about max({SNAPSHOTS}, --dim) snapshots",
+             "lr_milestones": "0.667, the paper's"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,8 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
     bench.add_argument("name", choices=list(BENCHMARKS), metavar="NAME",
                        help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()).replace("%", "%%"))
-    bench.add_argument("--preset", default="cpu", help="cpu (this machine, minutes), gpu (needs a CUDA GPU) "
-                                                       "or smoke (tiny sizes, seconds); default: cpu")
+    bench.add_argument("--preset", default="cpu", help="cpu (digits and small sizes, minutes), fashion (wallclock, "
+                                                       "label_noise and sampling on Fashion-MNIST, under an hour "
+                                                       "each), gpu (needs a CUDA GPU) or smoke (tiny sizes, "
+                                                       "seconds); default: cpu")
     bench.add_argument("--out", default=DEFAULT_OUT, help=f"folder of the results (default: {DEFAULT_OUT})")
     bench.add_argument("--work-dir", default=None, help="where the benchmark's runs and files go while it runs "
                                                         "(default: the system's temp folder)")

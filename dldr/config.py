@@ -13,6 +13,8 @@ from dldr.schedule import KINDS, PAPER_MILESTONES, Schedule
 
 # phase 1 takes about this many snapshots unless --snapshot-every says otherwise (and at least --dim + 1)
 SNAPSHOTS = 50
+# phase 3's mini-batch is this many of phase 1's unless --subspace-batch-size says otherwise
+SUBSPACE_BATCHES = 4
 
 CHOICES = {
     "start": ("first", "last", "mean"),
@@ -59,19 +61,21 @@ class Config:
     weight_decay: float = 1e-4
     # the learning-rate schedule of phase 1 (and of P-SGD in phase 3), stepped every step:
     # constant, step (times lr_gamma at each of lr_milestones, fractions of the phase; empty:
-    # the paper's 2/3) or cosine, after warmup_epochs of linear warm-up (``dldr.schedule``)
+    # the paper's 2/3) or cosine, after warmup_epochs of linear warm-up (``dldr.schedule``).
+    # Without the warm-up, the BatchNorm cnn at lr 0.1 dies in its first epoch on Fashion-MNIST.
     lr_schedule: str = "constant"
     lr_milestones: str = ""
     lr_gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
     # phase 2: the d-dimensional basis
     dim: int = 40
     subspace: str = "trajectory"
     # phase 3: w = w_start + P c
-    start: str = "mean"
+    start: str = "last"
     optimizer: str = "pbfgs"
-    subspace_epochs: int = 10
-    # the mini-batch of phase 3 (0: batch_size); the paper trains P-BFGS on larger batches
+    subspace_epochs: int = 5
+    # the mini-batch of phase 3 (0: SUBSPACE_BATCHES x batch_size, as much of it as the training set
+    # holds); the paper trains P-BFGS on larger batches than SGD (1024 against 128 in its code)
     subspace_batch_size: int = 0
     subspace_lr: float = 0.1
     armijo_sigma: float = 0.4
@@ -119,13 +123,14 @@ class Config:
         phases = {"--sample-epochs": self.sample_epochs}
         if self.optimizer == "psgd":
             phases["--subspace-epochs"] = self.subspace_epochs
+        if self.warmup_epochs < 0:
+            raise DldrError(f"--warmup-epochs must be 0 or more, got {self.warmup_epochs}")
         for flag, epochs in phases.items():
-            if not 0 <= self.warmup_epochs < epochs:
-                raise DldrError(f"--warmup-epochs must be 0 or more and below {flag} {epochs}, got {self.warmup_epochs}")
-            if self.lr_schedule == "step" and milestones[0] * epochs <= self.warmup_epochs:
+            warmup = min(self.warmup_epochs, epochs / 2)  # see dldr.schedule
+            if self.lr_schedule == "step" and milestones[0] * epochs <= warmup:
                 raise DldrError(f"the first --lr-milestones decay, at {milestones[0]:g} of {flag} {epochs}, falls "
-                                f"inside the {self.warmup_epochs:g} --warmup-epochs; give a later milestone or a "
-                                "shorter warm-up")
+                                f"inside its {warmup:g} epochs of warm-up; give a later milestone or a shorter "
+                                "--warmup-epochs")
 
     @property
     def schedule(self) -> Schedule:
@@ -139,10 +144,12 @@ class Config:
             return self.snapshot_every
         return max(1, self.sample_epochs * steps_per_epoch // max(SNAPSHOTS, self.dim))
 
-    @property
-    def train_batch_size(self) -> int:
-        """Phase 3's mini-batch."""
-        return self.subspace_batch_size or self.batch_size
+    def train_batch_size(self, train_images: int) -> int:
+        """Phase 3's mini-batch on a training set of ``train_images``."""
+        if self.subspace_batch_size:
+            return self.subspace_batch_size
+        fits = train_images // self.batch_size * self.batch_size
+        return max(self.batch_size, min(SUBSPACE_BATCHES * self.batch_size, fits))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:

@@ -354,7 +354,8 @@ def recompute_batchnorm(run: Run, model: nn.Module, data: datasets.DataSource) -
     was_training = model.training
     model.train()
     cfg, comm = run.cfg, run.comm
-    for xb, _ in data.train_batches(cfg.train_batch_size, cfg.seed + 2, 1, comm.rank, comm.world_size):
+    for xb, _ in data.train_batches(cfg.train_batch_size(len(data.train_labels)), cfg.seed + 2, 1, comm.rank,
+                                    comm.world_size):
         with run.autocast():
             model(run.inputs(xb))
     model.train(was_training)
@@ -421,7 +422,7 @@ def train(run: Run) -> dict[str, Any]:
     model = build_model(run, data)
     subspace = load_subspace(run, model)
     opt = make_optimizer(cfg, model, subspace)
-    batch_size = cfg.train_batch_size
+    batch_size = cfg.train_batch_size(len(data.train_labels))
     steps_per_epoch = data.steps(batch_size, comm.world_size)
     # P-SGD follows the run's learning-rate schedule over phase 3; P-BFGS's line search sets its own steps
     scheduler = cfg.schedule.build(opt, steps_per_epoch, cfg.subspace_epochs) if cfg.optimizer == "psgd" else None

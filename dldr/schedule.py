@@ -2,8 +2,9 @@
 
 A schedule is stepped once per optimizer step, so it does not depend on how long an epoch is,
 and its state goes into the phase's checkpoint, so a resumed run follows the same curve. With
-T steps in the phase, W = round(warmup_epochs x steps per epoch) of them warming up, the
-learning rate of step t (counted from 0) is
+T steps in the phase, W = min(round(warmup_epochs x steps per epoch), T // 2) of them warming
+up (a phase shorter than twice the warm-up warms up for its first half), the learning rate of
+step t (counted from 0) is
 
 * warm-up, t < W: lr x (WARMUP_START + (1 - WARMUP_START) t / W)  (``LinearLR``)
 * ``constant``: lr
@@ -37,7 +38,7 @@ class Schedule:
     def steps(self, steps_per_epoch: int, epochs: int) -> tuple[int, list[int]]:
         """(warm-up steps, the steps at which a step schedule decays) of a phase of ``epochs``."""
         total = steps_per_epoch * epochs
-        warmup = min(round(self.warmup_epochs * steps_per_epoch), total - 1)
+        warmup = min(round(self.warmup_epochs * steps_per_epoch), total // 2)
         return warmup, [round(m * total) for m in self.milestones]
 
     def build(self, optimizer: Optimizer, steps_per_epoch: int, epochs: int) -> LRScheduler:

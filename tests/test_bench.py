@@ -27,18 +27,37 @@ def _bench(name: str, out) -> dict:
 def test_wallclock_and_label_noise_agree_and_count_epochs(tmp_path):
     wall = _bench("wallclock", tmp_path)["digits, MLP"]
     setting = methods.PRESETS["smoke"][0]
-    assert wall["sgd"]["epochs"] == setting.sgd_epochs
-    dldr_epochs = setting.dldr["sample_epochs"] + setting.dldr["subspace_epochs"]
-    assert wall["dldr"]["epochs"] == wall["psgd"]["epochs"] == dldr_epochs
-    assert wall["random"]["epochs"] == setting.dldr["subspace_epochs"]
-    assert 1 <= wall["sgd_early"]["epochs"] <= setting.sgd_epochs
-    assert wall["sgd"]["reached_sgd"] == 1  # SGD reaches its own final accuracy
+    assert set(wall["grid"]) == {f"{lr:g}" for lr in setting.lrs}
+    assert wall["grid"][f"{wall['lr']:g}"] == max(wall["grid"].values())  # cosine SGD's best learning rate
+    m = wall["methods"]
+    assert list(m) == ["sgd", "sgd_step", "sgd_early", "sgd_short", "dldr 1/3", "dldr 2/3", "psgd", "random"]
+    assert m["sgd"]["test_accuracies"] == [wall["grid"][f"{wall['lr']:g}"]]  # the grid's run is seed 0's
+    assert m["sgd"]["epochs"] == m["sgd_step"]["epochs"] == setting.sgd_epochs
+    subspace = setting.dldr["subspace_epochs"]
+    assert m["dldr 1/3"]["epochs"] == m["psgd"]["epochs"] == 1 + subspace and m["dldr 2/3"]["epochs"] == 2 + subspace
+    assert m["random"]["epochs"] == subspace and m["sgd_short"]["epochs"] == m["dldr 1/3"]["epochs"]
+    assert 1 <= m["sgd_early"]["epochs"] <= setting.sgd_epochs
+    assert m["sgd"]["reached_sgd"] == 1  # SGD reaches its own final accuracy
+    within = [b for b in setting.budgets if m[f"dldr {b}"]["test_accuracy"] >= m["sgd"]["test_accuracy"] - 0.005]
+    assert wall["smallest_budget_within"] == (within[0] if within else None)
+
     noise = _bench("label_noise", tmp_path)["digits, MLP"]
-    assert set(noise) == {"0.0", "0.2", "0.4"}
+    assert {"0.0", "0.2", "0.4"} <= set(noise) and noise["lr"] == wall["lr"]
+    assert list(noise["0.0"])[:4] == ["sgd", "sgd_early", "dldr 1/3", "psgd"]
     # the same seed and configuration give the same runs in both benchmarks
-    for m in methods.METHODS:
-        assert noise["0.0"][m]["test_accuracies"] == wall[m]["test_accuracies"]
+    for method in ("sgd", "sgd_early", "dldr 1/3", "psgd"):
+        assert noise["0.0"][method]["test_accuracies"] == m[method]["test_accuracies"]
     assert noise["0.4"]["sgd"]["test_accuracies"] != noise["0.0"]["sgd"]["test_accuracies"]
+    diff = noise["0.4"]["dldr 1/3 - sgd_early"]
+    assert diff["points"] == [100 * (a - b) for a, b in zip(noise["0.4"]["dldr 1/3"]["test_accuracies"],
+                                                          noise["0.4"]["sgd_early"]["test_accuracies"])]
+
+
+def test_sampling_compares_the_three_schedules_at_one_budget(tmp_path):
+    r = _bench("sampling", tmp_path)["digits, MLP"]
+    assert list(r) == ["constant", "step", "cosine"]
+    assert all(len(v["dldr"]) == len(v["sampled"]) == 1 for v in r.values())
+    assert r["constant"]["sampled"] != r["cosine"]["sampled"]  # the schedules sampled different trajectories
 
 
 def test_step_breakdown(tmp_path):
@@ -78,13 +97,15 @@ def test_unknown_benchmark_or_preset_is_one_line(capsys):
                                                    "use --preset cpu")
     with pytest.raises(SystemExit):
         cli.main(["bench", "nope"])
-    assert set(BENCHMARKS) == {"wallclock", "label_noise", "step", "basis", "distributed"}
+    assert set(BENCHMARKS) == {"wallclock", "label_noise", "sampling", "step", "basis", "distributed"}
 
 
 def test_gpu_presets_are_valid_configurations():
     """The gpu presets cannot run here; their keys, values and models must still be right."""
     for setting in methods.PRESETS["gpu"]:
-        Config.from_dict({**setting.common, **setting.dldr, "model": setting.model, "data": setting.data})
+        for budget in setting.budgets:
+            Config.from_dict({**setting.common, **setting.dldr, "model": setting.model, "data": setting.data,
+                              "sample_epochs": setting.sample_epochs(budget), "lr": setting.lrs[0]})
         assert timm.is_model(setting.model)
     for setting in step.PRESETS["gpu"]:
         Config.from_dict(setting.config)

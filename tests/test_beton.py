@@ -11,7 +11,7 @@ from dldr.cli import main
 from dldr.data import beton
 from dldr.errors import DldrError
 from dldr.store import RunStore
-from tests.helpers import write_cifar, write_imagefolder
+from tests.helpers import write_cifar, write_idx_folder, write_imagefolder
 
 pytest.importorskip("ffcv")
 
@@ -24,13 +24,15 @@ def _convert(src: str, out_dir, name: str = "") -> str:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """.beton files of an ImageFolder and of a CIFAR-10 folder, with the CIFAR spec."""
+    """.beton files of an ImageFolder, a CIFAR-10 folder and an MNIST folder, with the sources' specs."""
     root = tmp_path_factory.mktemp("beton")
     write_imagefolder(root / "folder")
     write_cifar(root / "cifar", per_file=20)
+    write_idx_folder(root / "mnist", train=64, test=16)
     return {"imagefolder": _convert(f"imagefolder:{root / 'folder'}", root, "folder-"),
             "cifar": _convert(f"cifar10:{root / 'cifar'}", root, "cifar-"),
-            "cifar_source": f"cifar10:{root / 'cifar'}", "root": root}
+            "mnist": _convert(f"mnist:{root / 'mnist'}", root, "mnist-"),
+            "cifar_source": f"cifar10:{root / 'cifar'}", "mnist_source": f"mnist:{root / 'mnist'}", "root": root}
 
 
 def test_a_converted_cifar_set_reads_back_the_same_images_and_labels(converted):
@@ -43,6 +45,16 @@ def test_a_converted_cifar_set_reads_back_the_same_images_and_labels(converted):
         want = list(original.test_batches(batch_size=8, rank=rank, world_size=2))
         torch.testing.assert_close(torch.cat([x for x, _ in got]), torch.cat([x for x, _ in want]))
         assert torch.equal(torch.cat([y for _, y in got]), torch.cat([y for _, y in want]))
+
+
+def test_a_converted_mnist_set_reads_back_its_images_in_three_channels(converted):
+    original = datasets.load(converted["mnist_source"])
+    data = datasets.load(converted["mnist"], loader_workers=1)
+    assert (data.num_classes, data.input_shape) == (10, (3, 28, 28)) and data.name == "ffcv:mnist"
+    assert torch.equal(data.train_labels, original.train_labels)
+    got, want = next(data.test_batches(batch_size=16)), next(original.test_batches(batch_size=16))
+    torch.testing.assert_close(got[0], want[0].expand(-1, 3, -1, -1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], want[1])
 
 
 def test_training_labels_come_from_the_noisy_labels_by_index(converted):

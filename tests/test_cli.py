@@ -19,7 +19,8 @@ from dldr.store import RunStore
 from tests.helpers import stderr_lines
 
 SHARD = "basis/shard-00000-of-00001.npy"
-SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2", "--quiet"]
+SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2",
+         "--subspace-batch-size", "128", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +80,13 @@ def test_fit_writes_the_run_directory(small_run):
 def test_the_trained_model_lies_in_the_affine_subspace(small_run):
     store = RunStore(small_run)
     model = models.create("mlp", 10, (1, 8, 8))
-    start = np.stack([store.load_array(rel) for rel in store.files("snapshots/")]).mean(axis=0)  # --start mean
+    start = store.load_array(store.files("snapshots/")[-1])  # --start last
     basis = basis_rows(store, slice(0, len(start)))[0].astype(np.float64)
     model.load_state_dict(load_file(store.abspath("model.safetensors")))
     w = FlatParams(trainable(model)).get().numpy().astype(np.float64)
     offset = w - start
     residual = offset - basis @ (basis.T @ offset)
-    assert np.linalg.norm(offset) > 1.0
+    assert np.linalg.norm(offset) > 0.1  # phase 3 moved away from w_start
     assert np.linalg.norm(residual) < 1e-4 * np.linalg.norm(offset)
 
 

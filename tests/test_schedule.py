@@ -33,24 +33,24 @@ def _warm(t: int, warmup: int) -> float:
     return WARMUP_START + (1 - WARMUP_START) * t / warmup
 
 
-@pytest.mark.parametrize("warmup_epochs", [0, 1, 1.5])
+@pytest.mark.parametrize("warmup_epochs", [0, 1, 1.5, 4])
 def test_each_schedule_follows_its_closed_form(warmup_epochs):
-    w = round(warmup_epochs * SPE)
+    w = min(round(warmup_epochs * SPE), TOTAL // 2)  # 4 epochs of 6: the first half
     expected = {
         "constant": [LR * (_warm(t, w) if t < w else 1) for t in range(TOTAL)],
         "cosine": [LR * (_warm(t, w) if t < w else (1 + math.cos(math.pi * (t - w) / (TOTAL - w))) / 2)
                    for t in range(TOTAL)],
-        # decays by 0.3 at step round(0.5 * 42) = 21 and round(0.8 * 42) = 34
-        "step": [LR * (_warm(t, w) if t < w else 0.3 ** ((t >= 21) + (t >= 34))) for t in range(TOTAL)],
+        # decays by 0.3 at step round(0.6 * 42) = 25 and round(0.8 * 42) = 34
+        "step": [LR * (_warm(t, w) if t < w else 0.3 ** ((t >= 25) + (t >= 34))) for t in range(TOTAL)],
     }
     for kind, rates in expected.items():
-        schedule = Schedule(kind, (0.5, 0.8), 0.3, warmup_epochs)
+        schedule = Schedule(kind, (0.6, 0.8), 0.3, warmup_epochs)
         assert _rates(schedule) == pytest.approx(rates, rel=1e-9, abs=1e-12), kind
 
 
 def test_the_default_step_schedule_is_the_papers():
     """lr 0.1 until two thirds of the phase (epoch 100 of 150), then 0.01."""
-    cfg = Config(lr_schedule="step", lr=LR)
+    cfg = Config(lr_schedule="step", lr=LR, warmup_epochs=0)
     rates = _rates(cfg.schedule)
     assert rates[:28] == [LR] * 28 and rates[28:] == pytest.approx([LR * 0.1] * 14)
 
@@ -79,10 +79,11 @@ def test_a_resumed_scheduler_continues_the_curve():
     ({"lr_schedule": "step", "lr_milestones": "60"}, "must be increasing fractions"),
     ({"lr_schedule": "step", "lr_milestones": "half"}, "must be increasing fractions"),
     ({"lr_gamma": 1.5}, "--lr-gamma must be in \\(0, 1\\], got 1.5"),
-    ({"warmup_epochs": 10}, "--warmup-epochs must be 0 or more and below --sample-epochs 10, got 10"),
-    ({"warmup_epochs": 2, "optimizer": "psgd", "subspace_epochs": 2}, "below --subspace-epochs 2"),
+    ({"warmup_epochs": -1}, "--warmup-epochs must be 0 or more, got -1"),
     ({"lr_schedule": "step", "lr_milestones": "0.1", "warmup_epochs": 1},
-     "the first --lr-milestones decay, at 0.1 of --sample-epochs 10, falls inside the 1 --warmup-epochs"),
+     "the first --lr-milestones decay, at 0.1 of --sample-epochs 10, falls inside its 1 epochs of warm-up"),
+    ({"lr_schedule": "step", "lr_milestones": "0.25,0.9", "optimizer": "psgd", "subspace_epochs": 2},
+     "at 0.25 of --subspace-epochs 2, falls inside its 1 epochs of warm-up"),
     ({"lr_schedule": "linear"}, "--lr-schedule must be one of constant, step, cosine"),
 ])
 def test_a_schedule_that_cannot_run_is_refused(keys, message):

@@ -13,8 +13,10 @@ from pathlib import Path
 from dldr.errors import DldrError
 
 BENCHMARKS = {
-    "wallclock": "full SGD vs DLDR, P-SGD and a random subspace: accuracy, epochs, seconds",
-    "label_noise": "the same methods under 0, 20 and 40% label noise, with early-stopped SGD",
+    "wallclock": "cosine, step and early-stopped SGD vs DLDR at several sampling budgets, P-SGD and a random "
+                 "subspace: accuracy, epochs, seconds",
+    "label_noise": "full-budget and early-stopped SGD against DLDR and P-SGD under label noise",
+    "sampling": "DLDR after phase 1 on a constant, step or cosine learning-rate schedule",
     "step": "time per optimizer step of SGD, P-SGD and P-BFGS, piece by piece",
     "basis": "phase 2 time and peak memory at D = 25.6M, t = 60 against the naive dense SVD",
     "distributed": "1 vs 2 Ray Train workers: wall time per phase and basis agreement",
