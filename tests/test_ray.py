@@ -63,7 +63,7 @@ def test_two_workers_end_within_half_a_point_of_one(fits):
     assert summaries[2]["test_accuracy"] >= 0.96
     for n, run in fits.items():  # every epoch went to metrics.jsonl on the driver's side
         records = [json.loads(line) for line in RunStore(run).read_bytes("metrics.jsonl").decode().splitlines()]
-        assert [r["epoch"] for r in records if r["phase"] == "train"] == list(range(1, 11)), n
+        assert [r["epoch"] for r in records if r["phase"] == "train"] == list(range(1, 6)), n
 
 
 def test_each_rank_holds_only_its_shard(fits):
@@ -117,14 +117,16 @@ def test_pbfgs_on_two_workers_follows_one(fits, tmp_path):
         run_dir = str(tmp_path / f"train{workers}")
         shutil.copytree(fits[1], run_dir)
         assert main(["train", "--run-dir", run_dir, "--workers", str(workers), "--subspace-epochs", "2",
-                     "--quiet"]) == 0
+                     "--subspace-batch-size", "128", "--quiet"]) == 0
         coords[workers] = _coords(run_dir)
     assert np.linalg.norm(coords[1]) > 0.1  # the coordinates moved
     assert _relative(coords[2], coords[1]) < 1e-4
 
 
 def test_a_killed_worker_resumes_with_the_same_snapshots(fits, tmp_path):
-    """Rank 1 is SIGKILLed at step 27 (epoch 3); Ray restarts the group from epoch 2's checkpoint."""
+    """Rank 1 is SIGKILLed at step 27 (epoch 3); Ray restarts the group from epoch 2's checkpoint, which
+    holds the learning-rate schedule past its one-epoch warm-up: restarting the warm-up would change
+    every later snapshot."""
     run_dir = str(tmp_path / "killed")
     run = phases.start_run(Config(run_dir=run_dir, workers=2, max_failures=1), progress=False)
     marker = tmp_path / "killed-once"
@@ -208,7 +210,7 @@ def test_another_process_connects_by_address_with_the_token(tmp_path):
                           "--sample-epochs", "1", "--quiet"], capture_output=True, text=True, timeout=300,
                          check=False, env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert len(RunStore(str(run_dir)).files("snapshots/shard-00000-of-00001/")) == 1 + 11 // 2
+    assert len(RunStore(str(run_dir)).files("snapshots/shard-00000-of-00001/")) == 1 + 11  # every step of 11
 
 
 def test_cifar_resnet_on_cifar_through_all_phases_on_two_workers(tmp_path):

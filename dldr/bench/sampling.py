@@ -22,8 +22,8 @@ from dldr.schedule import KINDS
 PRESETS: dict[str, list[Setting]] = {
     "cpu": [Setting("digits, MLP", "mlp", "digits", 60, (0.1,)),
             Setting("digits, CNN", "cnn", "digits", 60, (0.02,))],
-    "fashion": [Setting("Fashion-MNIST, MLP", "mlp", "fashion-mnist", 30, (0.02,)),
-                Setting("Fashion-MNIST, LeNet-5", "lenet5", "fashion-mnist", 30, (0.02,))],
+    "fashion": [Setting("Fashion-MNIST, MLP", "mlp", "fashion-mnist", 24, (0.02,)),
+                Setting("Fashion-MNIST, LeNet-5", "lenet5", "fashion-mnist", 24, (0.02,), seeds=(0, 1))],
     "smoke": [Setting("digits, MLP", "mlp", "digits", 3, (0.1,), dldr={"snapshot_every": 1, "dim": 4,
                                                                           "subspace_epochs": 1}, seeds=(0,))],
 }
