@@ -54,8 +54,9 @@ def test_wallclock_and_label_noise_agree_and_count_epochs(tmp_path):
 
 
 def test_sampling_compares_the_three_schedules_at_one_budget(tmp_path):
-    r = _bench("sampling", tmp_path)["digits, MLP"]
-    assert list(r) == ["constant", "step", "cosine"]
+    result = _bench("sampling", tmp_path)["digits, MLP"]
+    r = result["schedules"]
+    assert list(r) == ["constant", "step", "cosine"] and result["lr"] == 0.1
     assert all(len(v["dldr"]) == len(v["sampled"]) == 1 for v in r.values())
     assert r["constant"]["sampled"] != r["cosine"]["sampled"]  # the schedules sampled different trajectories
 
