@@ -21,7 +21,7 @@ from dldr.cli import main
 from dldr.config import Config
 from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
-from tests.helpers import largest_principal_angle, stderr_lines, write_cifar, write_imagefolder
+from tests.helpers import largest_principal_angle, stderr_lines, write_cifar, write_idx_folder, write_imagefolder
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 NUM_PARAMS = 85_002
@@ -242,6 +242,22 @@ def test_imagefolder_on_two_workers_follows_the_in_process_trajectory(tmp_path):
         stores[workers] = RunStore(run_dir)
     assert [len(rels) for rels in stores[2].snapshot_shards()] == [13, 13]
     for step in (1, 6, 12):
+        assert _relative(_snapshot(stores[2], step), _snapshot(stores[0], step)) < 1e-4, step
+
+
+def test_an_idx_folder_with_noise_and_holdout_on_two_workers_follows_the_in_process_trajectory(tmp_path):
+    """The noisy labels and the held-out split are drawn once from the seed, so 2 ranks train on
+    exactly the images and labels one process does."""
+    write_idx_folder(tmp_path / "data", train=96, test=32)
+    stores = {}
+    for workers in (0, 2):
+        run_dir = str(tmp_path / f"w{workers}")
+        assert main(["fit", "--run-dir", run_dir, "--workers", str(workers), "--data", f"mnist:{tmp_path / 'data'}",
+                     "--label-noise", "0.2", "--holdout", "0.25", "--batch-size", "8", "--sample-epochs", "1",
+                     "--snapshot-every", "1", "--dim", "4", "--subspace-epochs", "1", "--quiet"]) == 0
+        stores[workers] = RunStore(run_dir)
+    assert [len(rels) for rels in stores[2].snapshot_shards()] == [10, 10]  # 72 training images, 9 steps
+    for step in (1, 5, 9):
         assert _relative(_snapshot(stores[2], step), _snapshot(stores[0], step)) < 1e-4, step
 
 
