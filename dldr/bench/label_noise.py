@@ -13,13 +13,10 @@ from dldr.bench.methods import compare, describe
 
 # the label noise of each preset; the fashion preset leaves the clean case to wallclock
 NOISES = {"cpu": (0.0, 0.2, 0.4), "fashion": (0.2, 0.4), "gpu": (0.0, 0.2, 0.4), "smoke": (0.0, 0.2, 0.4)}
-# on Fashion-MNIST, every method trains at the learning rate cosine SGD's grid picked for both models
-# in `dldr bench wallclock --preset fashion` (the grid itself costs a quarter of an hour)
-FASHION_LR = 0.05
 # on digits DLDR samples 10 of SGD's 60 epochs, `dldr fit`'s default: after 20 (the wall-clock
 # headline, 1/3) both networks have already fitted much of the noise (0.83 at 40%, 2026-12-04)
 PRESETS = {**methods.PRESETS, "cpu": [replace(s, headline="1/6") for s in methods.PRESETS["cpu"]],
-           "fashion": [replace(s, lrs=(FASHION_LR,)) for s in methods.PRESETS["fashion"]]}
+           "fashion": methods.FASHION_AT_SGDS_LR}
 
 
 def run(preset: str, work: Path) -> tuple[dict, dict, str, Figure]:

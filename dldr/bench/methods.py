@@ -20,7 +20,7 @@ include each epoch's evaluation, as SGD's curve does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -234,3 +234,8 @@ PRESETS: dict[str, list[Setting]] = {
     "smoke": [Setting("digits, MLP", "mlp", "digits", 3, (0.05, 0.1), budgets=("1/3", "2/3"),
                       dldr={"snapshot_every": 1, "dim": 4, "subspace_epochs": 1}, seeds=(0,))],
 }
+
+# the learning rate cosine SGD's grid picked for both Fashion-MNIST models in `dldr bench wallclock
+# --preset fashion`: the label-noise and sampling presets train at it rather than run the grid again
+FASHION_LR = 0.05
+FASHION_AT_SGDS_LR = [replace(s, lrs=(FASHION_LR,)) for s in PRESETS["fashion"]]

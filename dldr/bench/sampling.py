@@ -14,18 +14,15 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from dldr.bench import report
-from dldr.bench.methods import LRS, Runner, Setting, tune
+from dldr.bench import methods, report
+from dldr.bench.methods import Runner, Setting, tune
 from dldr.schedule import KINDS
 
-# the budget and the peak rate of each setting's wall-clock preset: its headline budget, and the
-# learning rate cosine SGD's grid picks (on digits the grid runs again; on Fashion-MNIST it picked
-# 0.05 for both models in `dldr bench wallclock --preset fashion`)
+# each setting's wall-clock preset: its headline budget, sampled at the learning rate cosine SGD's grid
+# picks (on digits the grid runs again)
 PRESETS: dict[str, list[Setting]] = {
-    "cpu": [Setting("digits, MLP", "mlp", "digits", 60, LRS),
-            Setting("digits, CNN", "cnn", "digits", 60, LRS)],
-    "fashion": [Setting("Fashion-MNIST, MLP", "mlp", "fashion-mnist", 24, (0.05,)),
-                Setting("Fashion-MNIST, LeNet-5", "lenet5", "fashion-mnist", 24, (0.05,), seeds=(0, 1))],
+    "cpu": methods.PRESETS["cpu"],
+    "fashion": methods.FASHION_AT_SGDS_LR,
     "smoke": [Setting("digits, MLP", "mlp", "digits", 3, (0.1,), dldr={"snapshot_every": 1, "dim": 4,
                                                                           "subspace_epochs": 1}, seeds=(0,))],
 }
