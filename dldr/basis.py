@@ -359,7 +359,7 @@ def check_dim(dim: int, num_snapshots: int) -> None:
     if dim < 1:
         raise DldrError(f"--dim must be at least 1, got {dim}")
     if dim >= num_snapshots:
-        raise DldrError(f"--dim {dim} needs at least {dim + 1} snapshots, the run has {num_snapshots}; sample more "
+        raise DldrError(f"--dim {dim} needs at least {dim + 1} snapshots, phase 1 takes {num_snapshots}; sample more "
                         "(more --sample-epochs or a smaller --snapshot-every) or lower --dim")
 
 
@@ -378,11 +378,13 @@ def decompose(gram: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int = 0,
-                block_bytes: int = BLOCK_BYTES, map_shards: ShardMap | None = None) -> BasisReport:
+                block_bytes: int = BLOCK_BYTES, map_shards: ShardMap | None = None,
+                before_write: Callable[[], None] = lambda: None) -> BasisReport:
     """Phase 2: one read of every shard, the summed Gram, ``eigh``, and the t x d coefficients of P.
 
     This process only holds t x t and d x t matrices; ``map_shards`` (default: ``sequential``)
-    runs the streamed pass over each shard.
+    runs the streamed pass over each shard. Nothing is written until the basis is known
+    (``before_write`` is called then), so a phase 2 that fails leaves the old basis as it was.
     """
     start = time.perf_counter()
     map_shards = map_shards or sequential(store)
@@ -397,6 +399,9 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
                                    for rels, offset in zip(shards, offsets, strict=True)])
     centring = np.eye(t) - 1.0 / t
     gram = centring @ np.sum([s.gram for s in sums], axis=0) @ centring
+    if not np.isfinite(gram).all():
+        raise DldrError(f"the snapshots of {store.url} hold NaN or infinite values (a diverged phase 1, or damaged "
+                        "files); re-run `dldr sample`, with a lower --lr or a longer --warmup-epochs if it diverged")
     eigvals, eigvecs = decompose(gram, dim)
     if kind == "trajectory":  # span(P) is the top-d eigenspace: its share of the variance
         coeffs = eigvecs / np.sqrt(eigvals[:dim])
@@ -418,6 +423,7 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
     if kind == "trajectory" and report.orthonormality_error > ORTHONORMALITY_TOL:
         raise DldrError(f"the basis is not orthonormal (max |P^T P - I| = {report.orthonormality_error:.2e}): "
                         "the trajectory is nearly degenerate; lower --dim or sample longer")
+    before_write()
     store.remove("basis/")
     store.save_array("basis/gram.npy", gram)
     store.save_array("basis/eigvals.npy", eigvals)
@@ -435,7 +441,21 @@ def basis_report(store: RunStore) -> dict[str, Any]:
     """The run's basis/report.json (kind, d, seed, sizes), which marks a complete phase 2."""
     if not store.exists(REPORT):
         raise DldrError(f"{store.url} has no basis; run `dldr basis --run-dir {store.url}` first")
-    return store.read_json(REPORT)
+    report = store.read_json(REPORT)
+    fields = {"kind": str, "dim": int, "seed": int, "num_snapshots": int, "num_params": int}
+    if not isinstance(report, dict) or any(type(report.get(k)) is not kind for k, kind in fields.items()) \
+            or report["kind"] not in ("trajectory", "random") or min(report["dim"], report["num_params"]) < 1:
+        raise DldrError(f"{store.abspath(REPORT)} is not a basis report; re-run `dldr basis --run-dir {store.url}`")
+    return report
+
+
+def _stored(store: RunStore, rel: str, shape: tuple[int, ...]) -> np.ndarray:
+    """An array of phase 2, refused unless it has the shape its report implies."""
+    array = store.load_array(rel)
+    if array.shape != shape:
+        raise DldrError(f"{store.abspath(rel)} has shape {array.shape}, but the basis report implies {shape}; "
+                        f"re-run `dldr basis --run-dir {store.url}`")
+    return array
 
 
 def shard_path(rank: int, num_shards: int) -> str:
@@ -446,9 +466,19 @@ def basis_shard(store: RunStore, rows: slice, rank: int, num_shards: int) -> tup
     """``basis_rows`` for rank ``rank`` of ``num_shards``, which holds ``rows``; the first time, its rows
     of P are also written to basis/shard-RRRRR-of-NNNNN.npy, where readers of the run find the basis."""
     p, mean = basis_rows(store, rows)
-    if not store.exists(shard_path(rank, num_shards)):  # phase 2 removes them with the basis they belong to
-        store.save_array(shard_path(rank, num_shards), p)
+    rel = shard_path(rank, num_shards)
+    if not (store.exists(rel) and _intact(store, rel)):  # phase 2 removes them with the basis they belong to
+        store.save_array(rel, p)
     return p, mean
+
+
+def _intact(store: RunStore, rel: str) -> bool:
+    """Whether ``rel`` still matches its checksum; one that does not is written again."""
+    try:
+        store.row_reader(rel).finish()
+    except DldrError:
+        return False
+    return True
 
 
 def centred_rows(block: np.ndarray, coeffs: np.ndarray | None, p: np.ndarray, mean: np.ndarray, cols: slice) -> None:
@@ -471,8 +501,12 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> 
     kind, dim = report["kind"], report["dim"]
     if rows.stop > report["num_params"]:
         raise ValueError(f"rows {rows} lie outside the basis's {report['num_params']} rows")
-    coeffs = store.load_array(COEFFICIENTS).astype(np.float32) if kind == "trajectory" else None
-    scale = store.load_array(SCALE) if kind == "random" else None
+    t = len(store.snapshot_shards()[0])
+    if t != report["num_snapshots"]:
+        raise DldrError(f"{store.url} holds {t} snapshots but its basis was built from {report['num_snapshots']}; "
+                        f"re-run `dldr basis --run-dir {store.url}`")
+    coeffs = _stored(store, COEFFICIENTS, (t, dim)).astype(np.float32) if kind == "trajectory" else None
+    scale = _stored(store, SCALE, (dim,)) if kind == "random" else None
     p = np.empty((rows.stop - rows.start, dim), dtype=np.float32)
     mean = np.empty(rows.stop - rows.start, dtype=np.float32)
     offset = 0

@@ -152,10 +152,13 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if args.config:
         try:
-            with open(args.config) as f:
-                values.update(read_spec(f.read(), source=args.config)[0])
+            with open(args.config, encoding="utf-8") as f:
+                text = f.read()
         except OSError as e:
             raise DldrError(f"cannot read --config {args.config}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise DldrError(f"--config {args.config} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        values.update(read_spec(text, source=args.config)[0])
     values.update({f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
     return values
 
@@ -175,28 +178,45 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     values = _config_values(args)
     progress = not args.quiet
     run_dir = values.get("run_dir")
-    run: phases.Run | None = None
-    if args.command == "fit" or (args.command == "sample" and not (run_dir and holds_run(run_dir))):
+    names = list(phases.PHASE_FUNCTIONS) if args.command == "fit" else [args.command]
+    new = args.command == "fit" or (args.command == "sample" and not (run_dir and holds_run(run_dir)))
+    if new:  # everything that can be known before the run directory exists
         cfg = Config.from_dict(values, source="command line")
+        phases.check_sampling(cfg, names)
+        run_dir = cfg.run_dir
     elif run_dir is None:
         raise DldrError(f"`dldr {args.command}` needs the --run-dir of an existing run")
-    else:
-        run = phases.open_run(values.pop("run_dir"), values, progress)
-        cfg = run.cfg
-    names = list(phases.PHASE_FUNCTIONS) if args.command == "fit" else [args.command]
-    if cfg.workers:
-        from dldr import ray_train  # the in-process path (--workers 0) runs without Ray
-        with ray_train.cluster(cfg.address):
-            ray_train.check_placement(cfg)  # before a new run directory exists
-            run = run or phases.start_run(cfg, progress)
-            ray_train.run_phases(run, names)
-    else:
-        run = run or phases.start_run(cfg, progress)
-        for name in names:
-            phases.PHASE_FUNCTIONS[name](run)
-    phases.save_config(run)
+    with RunStore(run_dir).lock(f"dldr {args.command}"):
+        run: phases.Run | None = None
+        if not new:
+            run = phases.open_run(values.pop("run_dir"), values, progress)
+            phases.check_phases(run, names)
+            cfg = run.cfg
+        store = run.store if run else RunStore(run_dir)
+        if run is None:
+            phases.refuse_existing(store)
+        _sweep(store)
+        if cfg.workers:
+            from dldr import ray_train  # the in-process path (--workers 0) runs without Ray
+            with ray_train.cluster(cfg.address):
+                ray_train.check_placement(cfg)  # before a new run directory exists
+                run = run or phases.start_run(cfg, progress, checked=True)
+                ray_train.run_phases(run, names)
+        else:
+            run = run or phases.start_run(cfg, progress, checked=True)
+            for name in names:
+                phases.PHASE_FUNCTIONS[name](run)
+        phases.save_config(run)
     _print_summary(run.store.url, run.log.summary)
     return run.log.summary
+
+
+def _sweep(store: RunStore) -> None:
+    removed = store.sweep()
+    if removed:
+        shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        print(f"dldr: removed {len(removed)} file{'s' * (len(removed) > 1)} that a stopped command left in "
+              f"{store.url}: {shown}", file=sys.stderr)
 
 
 def _print_summary(run_dir: str, summary: dict[str, Any]) -> None:

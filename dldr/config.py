@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -25,6 +26,11 @@ CHOICES = {
     "armijo_backtrack": ("interpolate", "geometric"),
     "lr_schedule": KINDS,
 }
+
+
+# (field, exclusive lower bound, exclusive upper bound or None): what torch and the line search reject
+# mid-run, or take without a word and diverge on, refused before anything is written
+_RANGES = (("lr", 0.0, None), ("subspace_lr", 0.0, None), ("armijo_sigma", 0.0, 1.0), ("armijo_beta", 0.0, 1.0))
 
 
 @dataclass
@@ -85,15 +91,27 @@ class Config:
     max_trials: int = 20
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise DldrError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        for name, low, high in _RANGES:
+            value = getattr(self, name)
+            if not ((low is None or value > low) and (high is None or value < high)):
+                bounds = f"above {low:g}" if high is None else f"between {low:g} and {high:g} (exclusive)"
+                raise DldrError(f"--{name.replace('_', '-')} must be {bounds}, got {value:g}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise DldrError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
                                 f"got {getattr(self, name)!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise DldrError(f"--momentum must be in [0, 1), got {self.momentum:g}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise DldrError(f"--label-noise must be a fraction in [0, 1], got {self.label_noise}")
         if not 0.0 <= self.holdout < 1.0:
             raise DldrError(f"--holdout must be a fraction in [0, 1), got {self.holdout}")
-        for name in ("workers", "max_failures", "gpus_per_worker", "loader_workers", "subspace_batch_size"):
+        for name in ("workers", "max_failures", "gpus_per_worker", "loader_workers", "subspace_batch_size",
+                     "weight_decay"):
             if getattr(self, name) < 0:
                 raise DldrError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.gpus_per_worker > 0 and self.device != "cuda":
@@ -102,7 +120,7 @@ class Config:
             if self.workers and getattr(self, name) % self.workers:
                 raise DldrError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
                                 f"--workers {self.workers}, so every worker gets the same share of each batch")
-        for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials", "image_size"):
+        for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials", "image_size", "dim"):
             if getattr(self, name) < 1:
                 raise DldrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.cpus_per_worker <= 0:
@@ -143,6 +161,11 @@ class Config:
         if self.snapshot_every is not None:
             return self.snapshot_every
         return max(1, self.sample_epochs * steps_per_epoch // max(SNAPSHOTS, self.dim))
+
+    def snapshot_count(self, steps_per_epoch: int) -> int:
+        """The snapshots phase 1 writes: one at the start and one after every interval."""
+        every = self.snapshot_interval(steps_per_epoch)
+        return 1 + (self.sample_epochs if not every else self.sample_epochs * steps_per_epoch // every)
 
     def train_batch_size(self, train_images: int) -> int:
         """Phase 3's mini-batch on a training set of ``train_images``."""
@@ -220,14 +243,19 @@ def _mapping(text: str, source: str) -> dict[str, Any]:
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise DldrError(f"{source} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise DldrError(f"{source} is not valid YAML ({problem}{where}); fix it") from None
     if not isinstance(values, dict):
         raise DldrError(f"{source} must be a mapping of keys to values")
     return values
 
 
 def _typed(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    """``values`` converted to the types of ``cls``'s fields; an unknown key is an error that names it."""
+    """``values`` checked against the types of ``cls``'s fields, strictly: an int key takes only integers,
+    a float key integers or decimals, a bool is never a number, and null only where the default is null.
+    An unknown key or a wrong type is an error that names the key."""
     known = {f.name: f for f in fields(cls)}
     typed = {}
     for key, value in values.items():
@@ -237,10 +265,23 @@ def _typed(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
         if value is None and known[key].default is None:
             typed[key] = None
             continue
-        if kind is str and isinstance(value, list):  # a YAML list of milestones
+        if kind is str and key == "lr_milestones" and isinstance(value, list) \
+                and all(_is(float, v) for v in value):  # a YAML list of milestones
             value = ",".join(map(str, value))
-        try:
-            typed[key] = kind(value)
-        except (TypeError, ValueError):
-            raise DldrError(f"{source}: {key} must be a {kind.__name__}, got {value!r}") from None
+        if not _is(kind, value):
+            shown = "null" if value is None else repr(value)
+            raise DldrError(f"{source}: {key} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {shown}")
+        typed[key] = kind(value)
     return typed
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _is(kind: type, value: Any) -> bool:
+    """Whether ``value`` (from YAML or the command line) is a ``kind`` without a lossy conversion."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,18 +24,20 @@ from tqdm.auto import tqdm
 
 from dldr import data as datasets
 from dldr import models, plots
-from dldr.basis import SHARDS, ShardMap, basis_report, basis_shard, build_basis, sequential, shard_path
+from dldr.basis import (SHARDS, ShardMap, basis_report, basis_shard, build_basis, check_dim, sequential,
+                        shard_path)
 from dldr.comm import Comm, LocalComm
 from dldr.config import Config
 from dldr.errors import DldrError
 from dldr.optim import PBFGS, PSGD
 from dldr.params import FlatParams, shard_slices, trainable
-from dldr.runlog import RunLog
+from dldr.runlog import PHASES, RunLog
 from dldr.store import CONFIG, BackgroundWriter, RunStore, snapshot_path
 from dldr.subspace import Subspace
 
 MODEL = "model.safetensors"
 SUBSPACE_STATE = "subspace/state.pt"
+STATE_KEYS = ("model", "optimizer", "epoch", "fingerprint", "scheduler")
 # The keys whose change makes a stopped phase 3 start over instead of resuming.
 TRAIN_KEYS = ("model", "data", "image_size", "seed", "batch_size", "subspace_batch_size", "label_noise", "holdout",
               "start", "optimizer", "subspace_lr", "momentum", "armijo_sigma", "armijo_beta", "armijo_backtrack",
@@ -113,17 +116,35 @@ def _device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
-def start_run(cfg: Config, progress: bool = True) -> Run:
-    """Check the device, model and data, then create the run directory with its config.yaml."""
+def check_sampling(cfg: Config, names: Sequence[str] = PHASES) -> None:
+    """What a phase 1 (and the phases after it, ``names``) needs, checked before any file is written:
+    the device, the data set, the model on it, and enough snapshots for ``--dim``."""
     _device(cfg)
     data = load_data(cfg)
     models.check_input(models.create(cfg.model, data.num_classes, data.input_shape), cfg.model, data.input_shape)
+    if "basis" in names:
+        check_dim(cfg.dim, cfg.snapshot_count(data.steps(cfg.batch_size, max(cfg.workers, 1))))
+
+
+def start_run(cfg: Config, progress: bool = True, checked: bool = False) -> Run:
+    """Create the run directory with its config.yaml, after ``check_sampling`` of phase 1 unless ``checked``.
+
+    The caller of a command holds the run directory's lock (``RunStore.lock``), so that two
+    commands cannot both find the directory empty and both start a run there.
+    """
+    if not checked:
+        check_sampling(cfg, ["sample"])
     store = RunStore(cfg.run_dir)
-    if store.exists(CONFIG):
-        raise DldrError(f"{cfg.run_dir} already holds a run; pick a new --run-dir, or re-run one phase "
-                        "there with `dldr sample`, `dldr basis` or `dldr train`")
+    refuse_existing(store)
     store.write_bytes(CONFIG, cfg.to_yaml().encode())
     return Run(cfg, store, progress=progress)
+
+
+def refuse_existing(store: RunStore) -> None:
+    """A new run never goes where one is."""
+    if store.exists(CONFIG):
+        raise DldrError(f"{store.url} already holds a run; pick a new --run-dir, or re-run one phase "
+                        "there with `dldr sample`, `dldr basis` or `dldr train`")
 
 
 def open_run(run_dir: str, overrides: dict[str, Any], progress: bool = True) -> Run:
@@ -132,9 +153,35 @@ def open_run(run_dir: str, overrides: dict[str, Any], progress: bool = True) -> 
     if not store.exists(CONFIG):
         raise DldrError(f"{run_dir} holds no run (no config.yaml); start one with `dldr fit --run-dir {run_dir}`")
     source = f"{run_dir}/{CONFIG}"
-    base = Config.from_dict(Config.read_yaml(store.read_bytes(CONFIG).decode(), source), source=source)
+    try:
+        text = store.read_bytes(CONFIG).decode()
+    except UnicodeDecodeError as e:
+        raise DldrError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start}); restore it from a copy, "
+                        "or start a new run with `dldr fit`") from None
+    base = Config.from_dict(Config.read_yaml(text, source), source=source)
     cfg = Config.from_dict({**overrides, "run_dir": run_dir}, base=base, source="command line")
     return Run(cfg, store, progress=progress)
+
+
+def check_phases(run: Run, names: Sequence[str]) -> None:
+    """Refuse, before any file is written, phases the run directory cannot feed: a basis of a phase 1
+    that did not finish, a phase 3 without a finished phase 2, a ``--dim`` the snapshots cannot give."""
+    cfg, store, first = run.cfg, run.store, names[0]
+    if first == "sample":
+        check_sampling(cfg, names)
+        return
+    run.log.check()
+    needed = PHASES[PHASES.index(first) - 1]
+    if needed not in run.log.summary["phases"]:
+        how = {"sample": f"`dldr sample --run-dir {store.url}` (with --workers N and --max-failures K, a phase "
+                         "resumes from its checkpoints when workers fail)",
+               "basis": f"`dldr basis --run-dir {store.url}`"}[needed]
+        raise DldrError(f"{store.url} holds no finished phase {needed}: it was stopped, failed or never ran; run "
+                        f"{how} first")
+    if first == "basis":
+        check_dim(cfg.dim, len(store.snapshot_shards()[0]))
+    else:
+        basis_report(store)
 
 
 def save_config(run: Run) -> None:
@@ -298,11 +345,15 @@ def _epoch_metrics(run: Run, model: nn.Module, data: datasets.DataSource, losses
 def basis(run: Run) -> dict[str, Any]:
     """Phase 2: the d-dimensional basis of the trajectory (or a random one), from one read of the snapshots."""
     cfg, store = run.cfg, run.store
+
+    def replacing() -> None:  # from here on, a stop leaves neither the old basis nor its phase 3 claimed done
+        run.log.begin("basis")
+        for stale in ("subspace/", MODEL):  # phase 3's state and model of the old basis
+            store.remove(stale)
+
     with run.bar("basis", len(store.snapshot_shards())) as bar:
         report = build_basis(store, cfg.dim, cfg.subspace, cfg.seed,
-                             map_shards=run.shard_map(store, bar.update))
-    run.log.begin("basis")
-    store.remove("subspace/")  # the saved phase 3 state of the old basis
+                             map_shards=run.shard_map(store, bar.update), before_write=replacing)
     eigvals = store.load_array("basis/eigvals.npy")
     store.write_bytes("plots/explained_variance.png", plots.explained_variance(eigvals, cfg.dim))
     run.log.log("basis", **report.to_dict())
@@ -386,8 +437,19 @@ def _saved_state(run: Run, fingerprint: str) -> dict[str, Any] | None:
     """subspace/state.pt of a phase 3 that stopped before its end, if it fits this run."""
     if "train" in run.log.summary["phases"] or not run.store.exists(SUBSPACE_STATE):
         return None
-    state = torch.load(io.BytesIO(run.store.read_bytes(SUBSPACE_STATE)), weights_only=True)
-    return state if state["fingerprint"] == fingerprint else None
+    try:
+        state = torch.load(io.BytesIO(run.store.read_bytes(SUBSPACE_STATE)), weights_only=True)
+        missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+        problem = f"no {', '.join(missing)}" if missing else None
+        if not (problem or isinstance(state["epoch"], int)):
+            problem = f"its epoch is {state['epoch']!r}"
+    except (RuntimeError, pickle.UnpicklingError, TypeError, ValueError, EOFError) as e:
+        problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if problem:
+        raise DldrError(f"{run.store.abspath(SUBSPACE_STATE)} is not a saved phase 3 state ({problem}); re-run "
+                        f"`dldr basis --run-dir {run.store.url}` to drop it, then `dldr train`")
+    # resumed only under the same fingerprint, and only if epochs are left to run
+    return state if state["fingerprint"] == fingerprint and state["epoch"] < run.cfg.subspace_epochs else None
 
 
 def load_subspace(run: Run, model: nn.Module) -> Subspace:

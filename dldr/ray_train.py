@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -84,15 +85,18 @@ def _check_reachable(address: str) -> None:
 
 
 @contextlib.contextmanager
-def cluster(address: str) -> Iterator[None]:
+def cluster(address: str, report: bool = True) -> Iterator[None]:
     """Connect to the cluster at ``address`` (or RAY_ADDRESS), or start and stop a local one.
 
     An existing connection of this process (a notebook, the test session) is used as it is.
+    ``report``: Ray's forwarded tracebacks and notes go to a log file (``_ray_report``), not here.
     """
     if ray.is_initialized():
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
+    # Ray turns token authentication on for a new local instance, and notes that it did
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     with contextlib.ExitStack() as cleanup:
         try:
             if address and address != "auto":
@@ -106,8 +110,6 @@ def cluster(address: str) -> Iterator[None]:
             else:
                 _loopback_only()
                 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
-                # Ray turns token authentication on for a new local instance and warns that it did.
-                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
                 temp_dir = tempfile.mkdtemp(prefix="dldr-ray-", dir="/tmp")  # short: Ray puts sockets inside
                 cleanup.callback(shutil.rmtree, temp_dir, ignore_errors=True)
                 ray.init(address="local", _temp_dir=temp_dir, configure_logging=False, log_to_driver=True)
@@ -117,7 +119,57 @@ def cluster(address: str) -> Iterator[None]:
                             "check the address and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds the "
                             "cluster's token") from None
         cleanup.callback(ray.shutdown)
+        if report:
+            cleanup.enter_context(_ray_report())
         yield
+
+
+# Where the Ray output of the current command goes that is not a worker's progress line: tracebacks
+# of failed workers, the controller's notes, the raylet's. Named in errors; kept only when it matters.
+_report_path: Path | None = None
+
+
+@contextlib.contextmanager
+def _ray_report() -> Iterator[None]:
+    """Send what Ray forwards from the cluster to a log file, except the workers' own output lines
+    (rank 0's progress), which still reach this terminal: a failed worker is one line of dldr's,
+    not forty of Ray's. The file stays, and is named, when it holds an error."""
+    global _report_path
+    from ray._private import worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    fd, name = tempfile.mkstemp(prefix="dldr-ray-", suffix=".log")
+    log = os.fdopen(fd, "w", buffering=1)
+    errors = []
+    to_terminal = worker.print_to_stdstream
+
+    def handle(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        if not data.get("is_err") and data.get("pid") not in ("raylet", "autoscaler", "gcs_server"):
+            to_terminal(data, ignore_prefix=ignore_prefix)
+            return
+        source = data.get("actor_name") or data.get("task_name") or data.get("pid")
+        for line in data.get("lines", []):
+            log.write(f"({source} pid={data.get('pid')}) {line}\n")
+            if "Traceback" in line or "Error" in line or "died" in line:
+                errors.append(line)
+
+    # Ray's private seams: the handler of forwarded worker output, and the printer of the raylet's messages
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handle)
+    worker.print_to_stdstream = handle
+    _report_path = Path(name)
+    try:
+        yield
+    finally:
+        _report_path = None
+        worker.print_to_stdstream = to_terminal
+        dispatcher.remove_handler("ray_print_logs")
+        log.close()
+        if errors and sys.exc_info()[0] is None:
+            print(f"dldr: Ray reported errors on the workers (a worker group that failed resumed from its last "
+                  f"checkpoint); Ray's report: {name}", file=sys.stderr)
+        elif not errors:
+            os.remove(name)
 
 
 def check_placement(cfg: Config) -> None:
@@ -232,7 +284,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     phases.PHASE_FUNCTIONS[config["phase"]](run)
 
 
-def _worker_error(error: Exception, phase: str) -> DldrError:
+def _worker_error(error: Exception, phase: str, run_dir: str) -> DldrError:
     """The user-facing error among the workers' failures: a DldrError if one raised it."""
     failures = list(getattr(error, "worker_failures", {}).values()) or [error]
     for failure in failures:
@@ -245,9 +297,16 @@ def _worker_error(error: Exception, phase: str) -> DldrError:
                 return DldrError(str(cause))
             else:
                 cause = cause.__cause__
-    first = str(failures[0]).strip().splitlines()
-    return DldrError(f"phase {phase} failed on the Ray workers: {first[-1] if first else type(failures[0]).__name__}; "
-                     "the worker logs are in the Ray session's logs folder")
+    lines = [line.strip() for line in str(failures[0]).strip().splitlines() if line.strip()]
+    died = next((line for line in lines if "worker process has died" in line or "actor died" in line.lower()), None)
+    report = f"; Ray's report: {_report_path}" if _report_path else "; Ray's report is in the Ray session's logs"
+    if died is not None:
+        return DldrError(f"phase {phase}: a Ray Train worker died ({died.split('. ')[0].rstrip('.')}); give "
+                         f"--max-failures N to let the phase restart from its last checkpoint, or run `dldr {phase} "
+                         f"--run-dir {run_dir}` again{report}")
+    reason = lines[-1].split(". ")[0] if lines else type(failures[0]).__name__
+    return DldrError(f"phase {phase} failed on the Ray workers: {reason}; run `dldr {phase} --run-dir {run_dir}` "
+                     f"again once that is fixed{report}")
 
 
 def _train_phase(run: phases.Run, phase: str, failure: FailureInjection | None) -> None:
@@ -266,7 +325,7 @@ def _train_phase(run: phases.Run, phase: str, failure: FailureInjection | None) 
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise _worker_error(e, phase) from None
+        raise _worker_error(e, phase, run.store.url) from None
     finally:
         run.store.reload()
         run.log = RunLog(run.store)
@@ -300,7 +359,7 @@ class RayShardMap:
         try:
             outputs = ray.get(refs)
         except ray.exceptions.RayTaskError as e:
-            raise _worker_error(e, "basis") from None
+            raise _worker_error(e, "basis", self.store.url) from None
         self.store.record({rel: entry for _, journal, _ in outputs for rel, entry in journal.items()})
         self.bytes_read.append([reads for _, _, reads in outputs])
         return [value for value, _, _ in outputs]

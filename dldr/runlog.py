@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dldr.errors import DldrError
 from dldr.store import RunStore
 
 PHASES = ("sample", "basis", "train")
@@ -17,14 +18,30 @@ SUMMARY = "summary.json"
 
 
 class RunLog:
+    """The log of a run. A damaged metrics.jsonl or summary.json is read as an empty log and
+    reported by ``check``, which the phases after phase 1 call: phase 1 writes both anew."""
+
     def __init__(self, store: RunStore):
         self.store = store
         self.records: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {"test_accuracy": None, "phases": {}}
-        if store.exists(METRICS):
-            self.records = [json.loads(line) for line in store.read_bytes(METRICS).decode().splitlines()]
-        if store.exists(SUMMARY):
-            self.summary = store.read_json(SUMMARY)
+        self.damage: str | None = None
+        try:
+            if store.exists(METRICS):
+                self.records = _records(store.read_bytes(METRICS))
+            if store.exists(SUMMARY):
+                self.summary = _summary(store.read_bytes(SUMMARY))
+        except (ValueError, TypeError) as e:  # JSON and Unicode errors are ValueErrors
+            self.records, self.summary = [], {"test_accuracy": None, "phases": {}}
+            self.damage = f"the log of {store.url} is damaged ({e}); re-run `dldr sample --run-dir {store.url}`, " \
+                          "which writes it anew"
+        except DldrError as e:
+            self.damage = str(e)
+
+    def check(self) -> None:
+        """Refuse a damaged log: a phase after phase 1 reads what the phases before it achieved."""
+        if self.damage:
+            raise DldrError(self.damage)
 
     def begin(self, phase: str, resume_after_epoch: int = 0) -> None:
         """Drop what this phase and later ones logged, except the epochs a resumed phase keeps."""
@@ -54,3 +71,19 @@ class RunLog:
         self.summary["phases"][phase] = result
         if self.store.owner:
             self._write_summary()
+
+
+def _records(data: bytes) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in data.decode().splitlines()]
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict) or record.get("phase") not in PHASES:
+            raise TypeError(f"line {number} of {METRICS} is not the record of a phase")
+    return records
+
+
+def _summary(data: bytes) -> dict[str, Any]:
+    summary = json.loads(data)
+    phases = summary.get("phases") if isinstance(summary, dict) else None
+    if not isinstance(phases, dict) or not all(k in PHASES and isinstance(v, dict) for k, v in phases.items()):
+        raise TypeError(f"{SUMMARY} is not a summary of phases")
+    return summary

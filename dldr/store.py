@@ -15,13 +15,17 @@ versions recorded with sha256 are still verified with sha256.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
 import json
 import os
 import posixpath
+import socket
+import stat
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -44,14 +48,47 @@ CHECKSUM = next(iter(CHECKSUMS))
 ALIGN = 4096
 
 # Which command writes the files under each top-level folder, for "re-run X" advice.
-_WRITER = {"snapshots": "dldr sample", "basis": "dldr basis", "data": "dldr sample"}
-
+_WRITER = {"snapshots": "dldr sample", "basis": "dldr basis", "data": "dldr sample", "subspace": "dldr basis",
+           "metrics.jsonl": "dldr sample", "summary.json": "dldr sample"}
+# What dldr writes into a run directory: a file there that the manifest does not list (a crash
+# came between its rename and its record) is a leftover, and so is any temporary file.
+OWN_FOLDERS = ("snapshots/", "basis/", "subspace/", "plots/", "data/")
+OWN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors")
+TMP_MARK = ".tmp-"
+LOCK = ".dldr.lock"
+# An object store's lock is refreshed this often; one not refreshed for STALE_LOCK_S is reported as stale.
+HEARTBEAT_S = 30.0
+STALE_LOCK_S = 120.0
 
 CONFIG = "config.yaml"  # the run's resolved configuration: a run directory is one that holds it
 
 
 def holds_run(url: str) -> bool:
     return RunStore(url).exists(CONFIG)
+
+
+def open_fs(url: str) -> tuple[Any, str]:
+    """The fsspec file system and root path of ``url``; a scheme fsspec cannot serve is one line."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise DldrError(f"--run-dir {url} needs a package that is not installed ({e}); install it, "
+                        "or use a local path") from None
+    except ValueError as e:
+        raise DldrError(f"--run-dir {url}: {e}; use a local path or an fsspec URL such as s3://bucket/run") from None
+
+
+def confine(rel: Any, where: str) -> str:
+    """``rel`` if it is a normalised relative path inside the run directory; else one line that says so.
+
+    Names come from manifest.json and a job's metadata, which anyone with the run directory can
+    edit: ``basis/../../victim`` must never reach a delete or a write.
+    """
+    if (not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel or rel.startswith("/")
+            or posixpath.normpath(rel) != rel or rel == ".." or rel.startswith("../")):
+        raise DldrError(f"{where} names {rel!r}, which is not a path inside the run directory; the run directory "
+                        "was altered: restore it from a copy, or start a new run with `dldr fit`")
+    return rel
 
 
 def snapshot_path(rank: int, num_shards: int, step: int) -> str:
@@ -81,6 +118,10 @@ class _HashingFile:
         self.size += len(data)
         return data
 
+    def tell(self) -> int:
+        """The bytes passed so far: the position in a file read or written from its start."""
+        return self.size
+
 
 class RunStore:
     """A run directory at a local path or any fsspec URL (``memory://run``, ``s3://bucket/run``).
@@ -88,14 +129,20 @@ class RunStore:
     One process owns ``manifest.json``. Other processes writing into the same run (the ranks
     of a distributed phase, Ray tasks) open it with ``owner=False``: their files are written
     the same way, but their manifest entries collect in ``journal`` for the owner to
-    ``record``, so the manifest never has two writers.
+    ``record``, so the manifest never has two writers. Commands that write hold ``lock``.
+
+    Every name in manifest.json must lie inside the run directory, every file read must be a
+    regular file of the recorded size, and on local file systems every file, the manifest and
+    their folders are fsynced, so a power loss leaves the manifest and what it lists intact.
+    A file that replaces a recorded one is first recorded as pending, with both checksums: a
+    crash between its rename and its record leaves a file the manifest accepts.
     """
 
     def __init__(self, url: str, owner: bool = True):
         self.url = url
         self.owner = owner
-        self.fs, self.root = fsspec.core.url_to_fs(url)
-        self._atomic_rename = isinstance(self.fs, LocalFileSystem)
+        self.fs, self.root = open_fs(url)
+        self.local = isinstance(self.fs, LocalFileSystem)
         self._lock = threading.Lock()
         self.manifest: dict[str, dict[str, Any]] = {}
         self.journal: dict[str, dict[str, Any]] = {}
@@ -106,17 +153,31 @@ class RunStore:
     def reload(self) -> None:
         """Read manifest.json again, after another process (the ranks of a phase) updated it."""
         self.manifest = {}
-        if self.fs.exists(self.abspath(MANIFEST)):
-            with self.fs.open(self.abspath(MANIFEST), "rb") as f:
-                self.manifest = json.load(f)["files"]
+        path = self.abspath(MANIFEST)
+        if not self.fs.exists(path):
+            return
+        where = f"manifest.json of {self.url}"
+        try:
+            with self._open_path(path, MANIFEST) as f:
+                files = json.loads(f.read())["files"]
+            if not isinstance(files, dict):
+                raise TypeError("its files are not a mapping")
+            for rel, entry in files.items():
+                confine(rel, where)
+                _check_entry(entry)
+        except (ValueError, KeyError, TypeError) as e:  # JSON and Unicode errors are ValueErrors
+            reason = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] or type(e).__name__
+            raise DldrError(f"{where} is damaged ({reason}); restore the run directory from a copy, "
+                            "or start a new run with `dldr fit`") from None
+        self.manifest = files
 
     @property
     def location(self) -> str:
         """The run's address as other processes must open it: local paths made absolute."""
-        return self.root if self._atomic_rename else self.url
+        return self.root if self.local else self.url
 
     def abspath(self, rel: str) -> str:
-        return posixpath.join(self.root, rel)
+        return posixpath.join(self.root, confine(rel, f"a path of {self.url}"))
 
     def exists(self, rel: str) -> bool:
         return rel in self.manifest
@@ -139,6 +200,12 @@ class RunStore:
         steps = [[posixpath.basename(rel) for rel in by_shard[name]] for name in expected]
         if any(s != steps[0] for s in steps):
             raise DldrError(f"the snapshot shards of {self.url} hold different steps; re-run `dldr sample`")
+        for rels in by_shard.values():
+            for rel in rels:
+                shape = self.manifest[rel].get("shape")
+                if not shape or len(shape) != 1:
+                    raise DldrError(f"manifest.json of {self.url} records the shape {shape} for {rel}, not that of a "
+                                    "snapshot; re-run `dldr sample`")
         return [by_shard[name] for name in expected]
 
     # ---- writing ---------------------------------------------------------------------------
@@ -147,34 +214,68 @@ class RunStore:
     def writer(self, rel: str, **meta: Any) -> Iterator[_HashingFile]:
         """Yield a file to write ``rel`` into; it appears and enters the manifest only on success."""
         final = self.abspath(rel)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}" if self._atomic_rename else final
+        tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex[:8]}" if self.local else final
+        previous = self.manifest.get(rel) if self.owner else None
         try:
-            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            with self.fs.open(tmp, "wb") as raw:
+            self._makedirs(posixpath.dirname(final))
+            with open(tmp, "wb") if self.local else self.fs.open(tmp, "wb") as raw:
                 f = _HashingFile(raw)
                 yield f
-            if self._atomic_rename:
-                self.fs.mv(tmp, final)
+                entry = {CHECKSUM: f.hash.hexdigest(), "bytes": f.size, **meta}
+                if self.local:
+                    raw.flush()
+                    os.fsync(raw.fileno())
+                if previous is not None:  # pending until the new file is in place: either one is valid
+                    self._record(rel, {**entry, PENDING: _settled(previous)})
+            if self.local:
+                os.replace(tmp, final)
+                _fsync_dir(posixpath.dirname(final))
         except OSError as e:
             self._discard(tmp)
-            raise DldrError(f"cannot write {final}: {e.strerror or e}; choose a writable --run-dir") from e
+            raise DldrError(f"cannot write {final}: {e.strerror or e}; {_write_advice(e)}") from e
         except BaseException:
             self._discard(tmp)
             raise
-        self._record(rel, {CHECKSUM: f.hash.hexdigest(), "bytes": f.size, **meta})
+        try:
+            self._record(rel, entry)
+        except BaseException:
+            if previous is None:  # not listed, so not kept: the run stays as it was
+                self._discard(final)
+            raise
 
-    def _discard(self, tmp: str) -> None:
+    def _makedirs(self, path: str) -> None:
+        if not self.local:
+            self.fs.makedirs(path, exist_ok=True)
+            return
+        missing = []
+        while not os.path.isdir(path) and os.path.dirname(path) != path:
+            missing.append(path)
+            path = os.path.dirname(path)
+        if missing:
+            os.makedirs(missing[0], exist_ok=True)
+            for created in reversed(missing):  # a new folder is durable once its parent's entry is
+                _fsync_dir(os.path.dirname(created))
+
+    def _discard(self, path: str) -> None:
         with contextlib.suppress(OSError):
-            if self._atomic_rename and self.fs.exists(tmp):
-                self.fs.rm(tmp)
+            if self.local and os.path.lexists(path):
+                os.remove(path)
 
     def _record(self, rel: str, entry: dict[str, Any]) -> None:
         with self._lock:
+            old = self.manifest.get(rel)
             self.manifest[rel] = entry
-            if self.owner:
-                self._write_manifest()
-            else:
+            if not self.owner:
                 self.journal[rel] = entry
+                return
+            try:
+                self._write_manifest()
+            except BaseException:
+                if old is None:
+                    del self.manifest[rel]
+                else:
+                    self.manifest[rel] = old
+                raise
 
     def take_journal(self) -> dict[str, dict[str, Any]]:
         """The entries of the files written since the last call, for the owner to record."""
@@ -186,17 +287,40 @@ class RunStore:
         """Add the entries of files other processes wrote, with one manifest write."""
         if not self.owner:
             raise RuntimeError("only the store that owns manifest.json records entries")
+        if not entries:
+            return
+        for rel, entry in entries.items():
+            confine(rel, "a worker's journal")
+            _check_entry(entry)
         with self._lock:
+            old = dict(self.manifest)
             self.manifest.update(entries)
-            self._write_manifest()
+            try:
+                self._write_manifest()
+            except BaseException:
+                self.manifest = old
+                raise
 
     def _write_manifest(self) -> None:
         data = json.dumps({"files": self.manifest}, indent=1, sort_keys=True).encode()
         final = self.abspath(MANIFEST)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}" if self._atomic_rename else final
-        self.fs.pipe_file(tmp, data)
-        if self._atomic_rename:
-            self.fs.mv(tmp, final)
+        try:
+            if not self.local:
+                self.fs.pipe_file(final, data)
+                return
+            tmp = f"{final}{TMP_MARK}{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+            except BaseException:
+                self._discard(tmp)
+                raise
+            _fsync_dir(self.root)
+        except OSError as e:
+            raise DldrError(f"cannot write {final}: {e.strerror or e}; {_write_advice(e)}") from None
 
     def remove(self, prefix: str) -> None:
         """Forget and delete every recorded file under ``prefix``, e.g. a phase's stale outputs."""
@@ -209,9 +333,14 @@ class RunStore:
         if not doomed:
             return
         with self._lock:
+            old = dict(self.manifest)
             for rel in doomed:
                 del self.manifest[rel]
-            self._write_manifest()
+            try:
+                self._write_manifest()
+            except BaseException:
+                self.manifest = old
+                raise
         for rel in doomed:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self.abspath(rel))
@@ -240,16 +369,99 @@ class RunStore:
             if w.rows != shape[0]:
                 raise RuntimeError(f"{rel}: wrote {w.rows} of {shape[0]} rows")
 
+    # ---- the run directory as a whole -------------------------------------------------------
+
+    def sweep(self) -> list[str]:
+        """Tidy what a stopped command left, and return the names of the files removed.
+
+        Temporary files and files in dldr's own folders that the manifest does not list are
+        removed; an entry left pending by a crash between a rename and its record is settled
+        to the file that is in place. Runs under ``lock``, before a command writes.
+        """
+        if not self.owner or not self.local or not os.path.isdir(self.root):
+            return []
+        removed = []
+        candidates = [name for name in os.listdir(self.root) if name.startswith((*OWN_FILES, MANIFEST))]
+        for folder in OWN_FOLDERS:
+            for dirpath, _, filenames in os.walk(os.path.join(self.root, folder)):  # symlinks are not followed
+                candidates += [os.path.relpath(os.path.join(dirpath, name), self.root) for name in filenames]
+        for rel in sorted(candidates):
+            rel = rel.replace(os.sep, "/")
+            if rel not in self.manifest and rel != MANIFEST and os.path.lexists(self.abspath(rel)):
+                self._discard(self.abspath(rel))
+                removed.append(rel)
+        settled = False
+        for rel, entry in list(self.manifest.items()):
+            if PENDING in entry:
+                with contextlib.suppress(DldrError):
+                    data = self.read_bytes(rel)
+                    algorithm = self.checksum_algorithm(rel)
+                    digest = CHECKSUMS[algorithm](data).hexdigest()
+                    self.manifest[rel] = next(e for e in (_settled(entry), entry[PENDING])
+                                              if e.get(algorithm) == digest)
+                    settled = True
+        if settled:
+            with self._lock:
+                self._write_manifest()
+        return removed
+
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the run directory for ``command``; another command on it is refused with one line.
+
+        Local paths: an OS lock (flock) on .dldr.lock, which the OS releases when the process
+        ends, so it is never stale. Object stores: a .dldr.lock object created exclusively,
+        with its holder and a heartbeat; one whose holder died stays until it is deleted, and
+        the refusal says how old its heartbeat is.
+        """
+        holder = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if self.local:
+            with _flock(self.root, holder, self.url):
+                yield
+        else:
+            with _object_lock(self, holder):
+                yield
+
     # ---- reading ---------------------------------------------------------------------------
 
     def _entry(self, rel: str) -> dict[str, Any]:
-        if rel not in self.manifest or not self.fs.exists(self.abspath(rel)):
+        if rel not in self.manifest or not (self.local or self.fs.exists(self.abspath(rel))):
             raise DldrError(f"{self.abspath(rel)} is missing from the run directory; {self._advice(rel)}")
         return self.manifest[rel]
 
     def _advice(self, rel: str) -> str:
         writer = _WRITER.get(rel.split("/", 1)[0])
-        return f"re-run `{writer}` to write it again" if writer else "re-run the phase that writes it"
+        if writer:
+            return f"re-run `{writer}` to write it again"
+        return "restore the run directory from a copy, or start a new run with `dldr fit`"
+
+    def _open(self, rel: str) -> BinaryIO:
+        """``rel`` opened for reading, refused unless it is a regular file of a recorded size."""
+        entry = self._entry(rel)
+        sizes = {e["bytes"] for e in (entry, entry.get(PENDING, {})) if "bytes" in e}
+        return self._open_path(self.abspath(rel), rel, sizes)
+
+    def _open_path(self, path: str, rel: str, sizes: set | None = None) -> BinaryIO:
+        if not self.local:
+            return self.fs.open(path, "rb")
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            what = {errno.ELOOP: "is a symbolic link", errno.ENOENT: "is missing from the run directory"}
+            raise DldrError(f"{path} {what.get(e.errno, f'cannot be read ({e.strerror})')}; "
+                            f"{self._advice(rel)}") from None
+        info = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(info.st_mode):
+            problem = "is not a regular file (a FIFO, device or folder)"
+        elif sizes and info.st_size not in sizes:
+            problem = f"is corrupt ({info.st_size} bytes, manifest.json records {' or '.join(map(str, sizes))})"
+        if problem:
+            os.close(fd)
+            raise DldrError(f"{path} {problem}; {self._advice(rel)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
 
     def checksum_algorithm(self, rel: str) -> str:
         """The manifest key of the checksum ``rel`` was recorded with."""
@@ -264,29 +476,180 @@ class RunStore:
         return self.manifest[rel][self.checksum_algorithm(rel)]
 
     def _check(self, rel: str, digest: str) -> None:
-        if digest != self.checksum(rel):
-            raise DldrError(f"{self.abspath(rel)} is corrupt (its {self.checksum_algorithm(rel)} checksum does not "
+        algorithm = self.checksum_algorithm(rel)
+        if digest not in (self.checksum(rel), self.manifest[rel].get(PENDING, {}).get(algorithm)):
+            raise DldrError(f"{self.abspath(rel)} is corrupt (its {algorithm} checksum does not "
                             f"match manifest.json); {self._advice(rel)}")
 
     def read_bytes(self, rel: str) -> bytes:
-        self._entry(rel)
-        data = self.fs.cat_file(self.abspath(rel))
+        with self._open(rel) as f:
+            data = f.read()
         self.bytes_read[rel] += len(data)
         self._check(rel, CHECKSUMS[self.checksum_algorithm(rel)](data).hexdigest())
         return data
 
     def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_bytes(rel))
+        try:
+            return json.loads(self.read_bytes(rel))
+        except ValueError as e:
+            raise DldrError(f"{self.abspath(rel)} is not valid JSON ({e}); {self._advice(rel)}") from None
 
     def load_array(self, rel: str) -> np.ndarray:
-        try:
-            return np.load(io.BytesIO(self.read_bytes(rel)), allow_pickle=False)
-        except ValueError as e:
-            raise DldrError(f"{self.abspath(rel)} is not a readable .npy array ({e}); {self._advice(rel)}") from e
+        """A whole .npy file, its header checked against its size before anything is allocated."""
+        f = io.BytesIO(self.read_bytes(rel))
+        shape, dtype = _array_header(f, len(f.getbuffer()), self.abspath(rel), self._advice(rel))
+        return np.frombuffer(f.getbuffer(), dtype=dtype, offset=f.tell()).reshape(shape).copy()
 
     def row_reader(self, rel: str) -> RowReader:
-        self._entry(rel)
         return RowReader(self, rel)
+
+
+PENDING = "replaces"  # a pending entry's record of the file it replaces
+
+
+def _settled(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != PENDING}
+
+
+def _check_entry(entry: Any) -> None:
+    """A manifest entry's fields that readers rely on, each of the right type."""
+    if not isinstance(entry, dict):
+        raise TypeError(f"an entry is {type(entry).__name__}, not a mapping")
+    for candidate in (entry, entry.get(PENDING, {})):
+        if not isinstance(candidate, dict):
+            raise TypeError("a pending entry is not a mapping")
+        size, shape = candidate.get("bytes", 0), candidate.get("shape", [])
+        if not (type(size) is int and size >= 0):
+            raise TypeError(f"a size is {size!r}")
+        if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+            raise TypeError(f"a shape is {shape!r}")
+        if not all(isinstance(candidate.get(k, ""), str) for k in CHECKSUMS):
+            raise TypeError("a checksum is not a string")
+
+
+def _write_advice(e: OSError) -> str:
+    if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return "free space there (or choose another --run-dir) and run the command again"
+    return "choose a writable --run-dir"
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the entries of folder ``path`` (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot fsync a folder; their renames are as durable as they get
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    return (f"`{holder.get('command', 'dldr')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+            f"since {holder.get('since', '?')})")
+
+
+@contextlib.contextmanager
+def _flock(root: str, holder: dict[str, Any], url: str) -> Iterator[None]:
+    import fcntl
+
+    created = []  # the folders made for the lock, removed again if nothing else went into them
+    folder = root
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    with contextlib.suppress(OSError):  # os.open says why, below
+        os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, LOCK)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise DldrError(f"cannot lock {url} ({path}: {e.strerror}); {_write_advice(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with os.fdopen(fd, "rb") as f:
+                text = f.read(4096)
+            try:
+                other = _describe(json.loads(text))
+            except ValueError:
+                other = "another dldr command"
+            raise DldrError(f"{url} is in use by {other}; wait for it to end (or stop it), then run this "
+                            "again") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
+                break  # else the holder before us removed the file as we opened it: take the new one
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # before the OS lock goes, so no one else holds a file we remove
+        os.close(fd)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+@contextlib.contextmanager
+def _object_lock(store: RunStore, holder: dict[str, Any]) -> Iterator[None]:
+    path = posixpath.join(store.root, LOCK)
+
+    def stamp() -> bytes:
+        return json.dumps({**holder, "heartbeat": time.time()}).encode()
+
+    try:
+        store.fs.makedirs(store.root, exist_ok=True)
+        with store.fs.open(path, "xb") as f:  # exclusive: fails if the object exists
+            f.write(stamp())
+    except FileExistsError:
+        try:
+            other = json.loads(store.fs.cat_file(path))
+            age = time.time() - float(other["heartbeat"])
+        except (OSError, ValueError, KeyError, TypeError):
+            other, age = {}, float("inf")
+        stale = "; its holder is likely gone" if age > STALE_LOCK_S else ""
+        raise DldrError(f"{store.url} is in use by {_describe(other)} (last heartbeat {age:.0f} s ago{stale}); "
+                        "wait for it to end, "
+                        f"or, if that process is gone, delete {store.url}/{LOCK} and run this again") from None
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                store.fs.pipe_file(path, stamp())
+
+    thread = threading.Thread(target=beat, daemon=True, name="dldr-lock-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(OSError):
+            store.fs.rm(path)
+
+
+def _array_header(f: BinaryIO, size: int, path: str, advice: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype of the .npy file ``f`` of ``size`` bytes, read up to its data; a header
+    that is not a plain numeric array, or that claims more (or fewer) bytes than the file holds, is refused."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+    except (ValueError, EOFError) as e:
+        raise DldrError(f"{path} is not a readable .npy array ({e}); {advice}") from None
+    if fortran or dtype.hasobject or dtype.itemsize == 0:
+        raise DldrError(f"{path} is not a plain C-ordered numeric array; {advice}")
+    if int(np.prod(shape, dtype=object)) * dtype.itemsize != size - f.tell():
+        raise DldrError(f"{path}'s header claims a {dtype} array of shape {shape}, which its "
+                        f"{size - f.tell()} bytes of data do not hold; {advice}")
+    return tuple(shape), dtype
 
 
 def _whole_pages(size: int) -> int:
@@ -334,7 +697,7 @@ def _open_direct(path: str) -> int | None:
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        return os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
     except OSError:  # e.g. a file system without direct I/O
         return None
 
@@ -357,25 +720,20 @@ class RowReader:
 
     def __init__(self, store: RunStore, rel: str):
         self.store, self.rel = store, rel
-        self._raw = store.fs.open(store.abspath(rel), "rb")
-        self._direct = _open_direct(store.abspath(rel)) if store._atomic_rename else None
+        self._raw = store._open(rel)
+        self._direct = _open_direct(store.abspath(rel)) if store.local else None
         with contextlib.suppress(AttributeError, OSError, io.UnsupportedOperation):
             # local files: the kernel reads further ahead, which matters when many files are read in turn
             os.posix_fadvise(self._raw.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         self._f = _HashingFile(self._raw, store.checksum_algorithm(rel))
         try:
-            version = np.lib.format.read_magic(self._f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(self._f)
-        except ValueError as e:
+            size = os.fstat(self._raw.fileno()).st_size if store.local else store.fs.size(store.abspath(rel))
+            shape, dtype = _array_header(self._f, size, store.abspath(rel), store._advice(rel))
+            if not shape:
+                raise DldrError(f"{store.abspath(rel)} holds a scalar, not rows; {store._advice(rel)}")
+        except BaseException:
             self.close()
-            raise DldrError(f"{store.abspath(rel)} is not a readable .npy array ({e}); "
-                            f"{store._advice(rel)}") from e
-        if fortran or dtype.hasobject:
-            self.close()
-            raise DldrError(f"{store.abspath(rel)} is not a plain C-ordered numeric array; "
-                            f"{store._advice(rel)}")
+            raise
         self.shape, self.dtype = tuple(shape), dtype
         self._row_bytes = dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
         self._data_start = self._raw.tell()

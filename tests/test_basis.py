@@ -118,7 +118,7 @@ def test_column_runs_cover_the_columns_in_whole_chunks(columns, parts):
 
 def test_dim_must_be_below_number_of_snapshots(store):
     write_trajectory(store, low_rank_trajectory(steps=6), 1)
-    with pytest.raises(DldrError, match="--dim 6 needs at least 7 snapshots, the run has 6"):
+    with pytest.raises(DldrError, match="--dim 6 needs at least 7 snapshots, phase 1 takes 6"):
         build_basis(store, 6)
     assert not store.files("basis/")
 

@@ -148,83 +148,13 @@ def _error_line(capsys):
     return err[0]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "no_such_net"], "unknown model 'no_such_net'"),
-    (["--data", "no_such_set"], "unknown data set 'no_such_set'"),
-    (["--dim", "200"], "--dim 200 needs at least 201 snapshots, the run has 34"),
-    (["--start", "middle"], "argument --start: invalid choice: 'middle'"),
-    pytest.param(["--device", "cuda"], "torch sees no CUDA GPU",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
-])
-def test_bad_fit_input_is_one_line(tmp_path, capsys, args, message):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    """The other bad input, and damaged run directories, are the cases of tests/test_faults.py."""
     run_dir = tmp_path / "bad"
-    if "--start" in args:  # argparse rejects it before dldr runs: exit 2
-        with pytest.raises(SystemExit) as exit_info:
-            main(["fit", "--run-dir", str(run_dir), *SMALL, *args])
-        assert exit_info.value.code == 2
-    else:
-        assert main(["fit", "--run-dir", str(run_dir), *SMALL, *args]) == 1
-    assert message in _error_line(capsys)
-    if "--dim" in args:  # found after sampling: what was written is complete and recorded
-        _assert_consistent(str(run_dir))
-    else:  # found before anything was written
-        assert not run_dir.exists()
-
-
-def test_dim_not_below_snapshots_leaves_the_run_intact(small_run, capsys):
-    before = _snapshot_of_files(small_run)
-    assert main(["basis", "--run-dir", small_run, "--dim", "34", "--quiet"]) == 1
-    assert "--dim 34 needs at least 35 snapshots, the run has 34" in _error_line(capsys)
-    assert _snapshot_of_files(small_run) == before
-    assert "dim: 8" in RunStore(small_run).read_bytes("config.yaml").decode()
-
-
-@pytest.mark.parametrize("damage", ["flip", "delete"])
-def test_corrupt_or_missing_shard_is_named(small_run, tmp_path, capsys, damage):
-    run_dir = str(tmp_path / "damaged")
-    shutil.copytree(small_run, run_dir)
-    victim = RunStore(run_dir).abspath("snapshots/shard-00000-of-00001/step-000017.npy")
-    if damage == "flip":
-        raw = bytearray(open(victim, "rb").read())
-        raw[len(raw) // 2] ^= 0xFF
-        open(victim, "wb").write(bytes(raw))
-    else:
-        import os
-        os.remove(victim)
-    before = _snapshot_of_files(run_dir)
-    assert main(["basis", "--run-dir", run_dir, "--quiet"]) == 1
-    line = _error_line(capsys)
-    assert victim in line and ("is corrupt" if damage == "flip" else "is missing") in line
-    assert "re-run `dldr sample`" in line
-    assert _snapshot_of_files(run_dir) == before
-
-
-def test_non_finite_loss_is_one_line(tmp_path, capsys):
-    run_dir = str(tmp_path / "diverged")
-    assert main(["fit", "--run-dir", run_dir, *SMALL, "--lr", "1e6"]) == 1
-    line = _error_line(capsys)
-    assert "sampling loss became nan" in line and "lower --lr" in line
-    _assert_consistent(run_dir)
-
-
-def test_unwritable_run_directory_is_one_line(tmp_path, capsys):
-    (tmp_path / "file").write_text("x")
-    assert main(["fit", "--run-dir", str(tmp_path / "file" / "run"), *SMALL]) == 1
-    assert "choose a writable --run-dir" in _error_line(capsys)
-
-
-def test_existing_run_is_not_overwritten_by_fit(small_run, capsys):
-    before = _snapshot_of_files(small_run)
-    assert main(["fit", "--run-dir", small_run, *SMALL]) == 1
-    assert "already holds a run" in _error_line(capsys)
-    assert _snapshot_of_files(small_run) == before
-
-
-def test_unknown_config_key_is_named(tmp_path, capsys):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("model: mlp\nlearning_rate: 0.1\n")
-    assert main(["fit", "--config", str(spec), "--run-dir", str(tmp_path / "r")]) == 1
-    assert "unknown key 'learning_rate'" in _error_line(capsys)
+    assert main(["fit", "--run-dir", str(run_dir), *SMALL, "--device", "cuda"]) == 1
+    assert "torch sees no CUDA GPU" in _error_line(capsys)
+    assert not run_dir.exists()
 
 
 class _StopAt(phases.Session):

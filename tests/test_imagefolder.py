@@ -80,7 +80,7 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path, capsys):
     broken.write_bytes(b"not a png")
     assert main(["fit", "--run-dir", str(tmp_path / "run"), "--workers", "0", "--data", f"imagefolder:{tmp_path}",
                  "--model", "test_resnet", "--image-size", "16", "--batch-size", "48", "--loader-workers", "2",
-                 "--quiet"]) == 1
+                 "--dim", "5", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"dldr: error: cannot read image {broken} (") and err.endswith("; remove or replace it\n")
     assert len(err.splitlines()) == 1

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import psutil
@@ -211,6 +212,41 @@ def test_another_process_connects_by_address_with_the_token(tmp_path):
                          check=False, env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(RunStore(str(run_dir)).files("snapshots/shard-00000-of-00001/")) == 1 + 11  # every step of 11
+
+
+@pytest.mark.parametrize("max_failures", [0, 1])
+def test_a_killed_worker_is_one_line(tmp_path, max_failures):
+    """A Ray Train worker SIGKILLed in phase 1 of a `dldr sample` process (on this session's cluster): with
+    --max-failures 0 one line says what failed and what to do; with 1 the phase resumes and one line names
+    Ray's report. Ray's own tracebacks go to that report, not to the terminal."""
+    run_dir = tmp_path / "run"
+    sampling = subprocess.Popen([sys.executable, "-m", "dldr.cli", "sample", "--address",
+                                 ray.get_runtime_context().gcs_address, "--run-dir", str(run_dir), "--workers", "2",
+                                 "--sample-epochs", "60", "--snapshot-every", "0", "--max-failures", str(max_failures),
+                                 "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"epoch": 2' in metrics.read_text()):
+        assert sampling.poll() is None and time.monotonic() < deadline, sampling.communicate()
+        time.sleep(0.1)
+    worker = next(p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline()))
+    worker.kill()
+    out, err = sampling.communicate(timeout=300)
+    lines = stderr_lines(err)
+    assert len(lines) == 1, err
+    report = lines[0].rpartition("Ray's report: ")[2]
+    assert "Traceback" in open(report).read()
+    os.remove(report)
+    if max_failures == 0:
+        assert sampling.returncode == 1
+        assert lines[0].startswith("dldr: error: phase sample: a Ray Train worker died (")
+        assert f"give --max-failures N to let the phase restart from its last checkpoint, or run `dldr sample " \
+               f"--run-dir {run_dir}` again" in lines[0]
+    else:
+        assert sampling.returncode == 0, err
+        assert lines[0].startswith("dldr: Ray reported errors on the workers (a worker group that failed resumed")
+        assert [len(rels) for rels in RunStore(str(run_dir)).snapshot_shards()] == [61, 61]
 
 
 def test_cifar_resnet_on_cifar_through_all_phases_on_two_workers(tmp_path):

@@ -87,14 +87,20 @@ def test_rows_read_past_the_page_cache_are_the_files_rows(store):
 
 
 def test_a_truncated_file_is_named_however_it_is_read(store):
+    """A file shorter than its record is refused as it is opened; one cut short while it is read, as it is read."""
     rel = "snapshots/shard-00000-of-00001/step-000000.npy"
     store.save_array(rel, np.arange(5000, dtype=np.float32))
-    with open(store.abspath(rel), "r+b") as f:
-        f.truncate(os.path.getsize(store.abspath(rel)) - 100)
+    size = os.path.getsize(store.abspath(rel))
     for direct in (True, False):
         reader = store.row_reader(rel)
+        with open(store.abspath(rel), "r+b") as f:
+            f.truncate(size - 100)
         with pytest.raises(DldrError, match=r"step-000000\.npy is truncated; re-run `dldr sample`"):
             read_paged(reader, [4000, 1000]) if direct else reader.read_into(np.empty(5000, dtype=np.float32))
+        with pytest.raises(DldrError, match=rf"step-000000\.npy is corrupt \({size - 100} bytes, manifest.json "
+                                            rf"records {size}\); re-run `dldr sample`"):
+            store.row_reader(rel)
+        store.save_array(rel, np.arange(5000, dtype=np.float32))
 
 
 def test_a_failed_write_leaves_neither_file_nor_manifest_entry(store, tmp_path):

@@ -28,7 +28,17 @@ class _ArrayUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR batch")
-        return super().find_class(module, name)
+        found = super().find_class(module, name)
+        return _empty_first(found) if name == "_reconstruct" else found
+
+
+def _empty_first(reconstruct):
+    """numpy's ``_reconstruct`` made to start from an empty array whatever shape the file asks for: the
+    array's real shape comes with its data, which numpy checks against it, so a file cannot make the
+    reader allocate more than it holds."""
+    def empty(subtype: type, shape: object, dtype: object) -> np.ndarray:
+        return reconstruct(subtype, (0,), dtype)
+    return empty
 
 
 def folder(kind: str, root: str) -> Path:
@@ -57,7 +67,7 @@ def _batch(path: Path, label_key: bytes, classes: int) -> tuple[np.ndarray, np.n
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="bytes").load()
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[label_key], dtype=np.int64)
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, MemoryError) as e:
         raise DldrError(f"{path} is not a CIFAR batch ({e}); unpack the python version of CIFAR again") from None
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),) \
             or labels.min(initial=0) < 0 or labels.max(initial=0) >= classes:

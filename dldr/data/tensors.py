@@ -32,6 +32,8 @@ from dldr.errors import DldrError
 SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 SYNTHETIC_SIZES = (512, 128)
+# uint8 images of every synthetic split together: a typo in CxHxW must not ask for a terabyte
+SYNTHETIC_MAX_BYTES = 4 << 30
 # per-channel mean and standard deviation of each CIFAR training set
 CIFAR_STATS = {
     "cifar10": Stats((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -155,6 +157,10 @@ def synthetic(args: str) -> TensorSource:
         shape = ()
     if len(shape) != 3 or min(shape) < 1 or num_classes < 2:
         raise DldrError(f"synthetic data is synthetic:CxHxW:K (e.g. synthetic:3x32x32:10), got synthetic:{args}")
+    need = sum(SYNTHETIC_SIZES) * int(np.prod(shape, dtype=object))
+    if need > SYNTHETIC_MAX_BYTES:
+        raise DldrError(f"synthetic:{args} needs {need / 2**30:.1f} GiB of images, more than the "
+                        f"{SYNTHETIC_MAX_BYTES / 2**30:.0f} GiB synthetic data may take; choose a smaller CxHxW")
     g = torch.Generator().manual_seed(SPLIT_SEED)
     n = sum(SYNTHETIC_SIZES)
     x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
