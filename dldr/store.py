@@ -604,8 +604,13 @@ def _object_lock(store: RunStore, holder: dict[str, Any]) -> Iterator[None]:
 
     try:
         store.fs.makedirs(store.root, exist_ok=True)
-        with store.fs.open(path, "xb") as f:  # exclusive: fails if the object exists
-            f.write(stamp())
+        try:
+            with store.fs.open(path, "xb") as f:  # exclusive: fails if the object exists
+                f.write(stamp())
+        except (ValueError, NotImplementedError):  # a file system without exclusive creation: check, then write
+            if store.fs.exists(path):
+                raise FileExistsError(path) from None
+            store.fs.pipe_file(path, stamp())
     except FileExistsError:
         try:
             other = json.loads(store.fs.cat_file(path))

@@ -6,6 +6,7 @@ the README cannot list a case this suite does not show.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -530,6 +531,30 @@ def test_a_full_disk_is_one_line_and_leaves_a_consistent_run(tmp_path, capsys):
         subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_a_full_disk_while_the_manifest_is_written_leaves_the_run_as_it_was(tmp_path):
+    """A tmpfs with one page free: a small new file fits, the manifest that would list it does not. The
+    error is one line, the new file is removed again, and the manifest still lists every file there is."""
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, "1m")
+    try:
+        store = RunStore(str(disk / "run"))
+        store.write_bytes("summary.json", b"{}" * 2000)  # a manifest write needs one page; this keeps it at one
+        filler = disk / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"x" * 4096)
+        os.truncate(filler, filler.stat().st_size - 4096)  # one page free
+        with pytest.raises(DldrError) as failed:
+            store.write_bytes("plots/extra.png", b"png")
+        assert str(failed.value).startswith(f"cannot write {disk / 'run' / 'manifest.json'}: No space left on device; "
+                                            "free space there")
+        assert "plots/extra.png" not in store.manifest and not (disk / "run/plots/extra.png").exists()
+        consistent(disk / "run")
+        assert sorted(p.name for p in (disk / "run").iterdir()) == ["manifest.json", "plots", "summary.json"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_an_object_store_lock_names_its_holder_and_its_heartbeat():
     """memory:// stands for an object store: the lock is an object created exclusively."""
     url = "memory://dldr-faults/locked"
@@ -565,6 +590,8 @@ SCENARIOS = [
     ("a corrupt basis shard", "phase 3 writes it again", "test_a_corrupt_basis_shard_is_written_again"),
     ("a full disk (1 MiB tmpfs)", "one line; only whole files listed",
      "test_a_full_disk_is_one_line_and_leaves_a_consistent_run"),
+    ("a full disk while manifest.json is written", "one line; the file it would have listed removed again",
+     "test_a_full_disk_while_the_manifest_is_written_leaves_the_run_as_it_was"),
     ("an object-store run in use", "refused: holder and heartbeat age, how to break a stale lock",
      "test_an_object_store_lock_names_its_holder_and_its_heartbeat"),
     ("a Ray Train worker killed, `--max-failures 0`", "one line: `--max-failures`, or run the phase again",

@@ -220,6 +220,7 @@ def test_a_killed_worker_is_one_line(tmp_path, max_failures):
     --max-failures 0 one line says what failed and what to do; with 1 the phase resumes and one line names
     Ray's report. Ray's own tracebacks go to that report, not to the terminal."""
     run_dir = tmp_path / "run"
+    started = time.time()
     sampling = subprocess.Popen([sys.executable, "-m", "dldr.cli", "sample", "--address",
                                  ray.get_runtime_context().gcs_address, "--run-dir", str(run_dir), "--workers", "2",
                                  "--sample-epochs", "60", "--snapshot-every", "0", "--max-failures", str(max_failures),
@@ -230,7 +231,8 @@ def test_a_killed_worker_is_one_line(tmp_path, max_failures):
     while not (metrics.exists() and '"epoch": 2' in metrics.read_text()):
         assert sampling.poll() is None and time.monotonic() < deadline, sampling.communicate()
         time.sleep(0.1)
-    worker = next(p for p in psutil.Process().children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline()))
+    worker = next(p for p in psutil.Process().children(recursive=True)  # one of this job's, not an earlier one's
+                  if p.create_time() >= started and "RayTrainWorker" in " ".join(p.cmdline()))
     worker.kill()
     out, err = sampling.communicate(timeout=300)
     lines = stderr_lines(err)

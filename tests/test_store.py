@@ -140,3 +140,15 @@ def test_remove_forgets_files_under_a_prefix(store):
     store.remove("basis/")
     assert list(RunStore(store.url).manifest) == ["model.safetensors"]
     assert not store.fs.exists(store.abspath("basis/a.npy"))
+
+
+def test_every_write_is_fsynced_with_its_folder(store, monkeypatch):
+    """The file, its new folders, the manifest and the run's folder reach the disk before a write returns."""
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    store.write_bytes("basis/report.json", b"{}")
+    root = store.root
+    tmp = next(path for path in synced if ".tmp-" in path and "basis" in path)
+    manifest_tmp = next(path for path in synced if "manifest.json.tmp-" in path)
+    assert synced == [os.path.dirname(root), root, tmp, f"{root}/basis", manifest_tmp, root]
