@@ -124,17 +124,24 @@ def cluster(address: str, report: bool = True) -> Iterator[None]:
         yield
 
 
-# Where the Ray output of the current command goes that is not a worker's progress line: tracebacks
-# of failed workers, the controller's notes, the raylet's. Named in errors; kept only when it matters.
-_report_path: Path | None = None
+@dataclass
+class _Report:
+    """The log file of what Ray forwards other than the workers' own output: tracebacks of failed
+    workers, the controller's and the raylet's notes. It is kept when an error line names it, or
+    when a run that ended well had worker errors on the way; otherwise removed."""
+    path: Path
+    named: bool = False
+
+
+_report: _Report | None = None  # that of the command now running, if it runs its own connection
 
 
 @contextlib.contextmanager
 def _ray_report() -> Iterator[None]:
-    """Send what Ray forwards from the cluster to a log file, except the workers' own output lines
+    """Send what Ray forwards from the cluster to a ``_Report``, except the workers' own output lines
     (rank 0's progress), which still reach this terminal: a failed worker is one line of dldr's,
-    not forty of Ray's. The file stays, and is named, when it holds an error."""
-    global _report_path
+    not forty of Ray's."""
+    global _report
     from ray._private import worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
@@ -147,28 +154,30 @@ def _ray_report() -> Iterator[None]:
         if not data.get("is_err") and data.get("pid") not in ("raylet", "autoscaler", "gcs_server"):
             to_terminal(data, ignore_prefix=ignore_prefix)
             return
-        source = data.get("actor_name") or data.get("task_name") or data.get("pid")
+        source = str(data.get("actor_name") or data.get("task_name") or data.get("pid"))
         for line in data.get("lines", []):
             log.write(f"({source} pid={data.get('pid')}) {line}\n")
-            if "Traceback" in line or "Error" in line or "died" in line:
+            # Ray Train's workers and controller; not Ray's own helpers, which on a machine with two
+            # local instances trace their confusion and carry on
+            if source.startswith(("RayTrainWorker", "TrainController")) and ("Traceback" in line or "Error" in line):
                 errors.append(line)
 
     # Ray's private seams: the handler of forwarded worker output, and the printer of the raylet's messages
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handle)
     worker.print_to_stdstream = handle
-    _report_path = Path(name)
+    report = _report = _Report(Path(name))
     try:
         yield
     finally:
-        _report_path = None
+        _report = None
         worker.print_to_stdstream = to_terminal
         dispatcher.remove_handler("ray_print_logs")
         log.close()
         if errors and sys.exc_info()[0] is None:
-            print(f"dldr: Ray reported errors on the workers (a worker group that failed resumed from its last "
-                  f"checkpoint); Ray's report: {name}", file=sys.stderr)
-        elif not errors:
+            print(f"dldr: the run ended well, but Ray reported errors on the way (a worker group that fails "
+                  f"resumes from its last checkpoint); Ray's report: {name}", file=sys.stderr)
+        elif not report.named:
             os.remove(name)
 
 
@@ -297,16 +306,20 @@ def _worker_error(error: Exception, phase: str, run_dir: str) -> DldrError:
                 return DldrError(str(cause))
             else:
                 cause = cause.__cause__
-    lines = [line.strip() for line in str(failures[0]).strip().splitlines() if line.strip()]
-    died = next((line for line in lines if "worker process has died" in line or "actor died" in line.lower()), None)
-    report = f"; Ray's report: {_report_path}" if _report_path else "; Ray's report is in the Ray session's logs"
-    if died is not None:
-        return DldrError(f"phase {phase}: a Ray Train worker died ({died.split('. ')[0].rstrip('.')}); give "
-                         f"--max-failures N to let the phase restart from its last checkpoint, or run `dldr {phase} "
-                         f"--run-dir {run_dir}` again{report}")
-    reason = lines[-1].split(". ")[0] if lines else type(failures[0]).__name__
-    return DldrError(f"phase {phase} failed on the Ray workers: {reason}; run `dldr {phase} --run-dir {run_dir}` "
-                     f"again once that is fixed{report}")
+    lines = [[line.strip() for line in str(f).splitlines() if line.strip()] for f in failures]
+    # a killed worker fails its group twice: it died, and its peers lost their connection to it
+    died = next((line for text in lines for line in text
+                 if "worker process has died" in line or "actor died" in line.lower()), None)
+    if died:
+        what = f"a Ray Train worker died ({died.split('. ')[0].rstrip('.')})"
+    else:
+        what = f"it failed on the workers ({lines[0][-1].split('. ')[0] if lines[0] else type(failures[0]).__name__})"
+    report = "; Ray's report is in the Ray session's logs"
+    if _report is not None:
+        _report.named = True
+        report = f"; Ray's report: {_report.path}"
+    return DldrError(f"phase {phase}: {what}; give --max-failures N to let the phase restart from its last "
+                     f"checkpoint, or run `dldr {phase} --run-dir {run_dir}` again{report}")
 
 
 def _train_phase(run: phases.Run, phase: str, failure: FailureInjection | None) -> None:

@@ -242,12 +242,12 @@ def test_a_killed_worker_is_one_line(tmp_path, max_failures):
     os.remove(report)
     if max_failures == 0:
         assert sampling.returncode == 1
-        assert lines[0].startswith("dldr: error: phase sample: a Ray Train worker died (")
+        assert lines[0].startswith("dldr: error: phase sample: ")  # the death, or a peer's lost connection
         assert f"give --max-failures N to let the phase restart from its last checkpoint, or run `dldr sample " \
                f"--run-dir {run_dir}` again" in lines[0]
     else:
         assert sampling.returncode == 0, err
-        assert lines[0].startswith("dldr: Ray reported errors on the workers (a worker group that failed resumed")
+        assert lines[0].startswith("dldr: the run ended well, but Ray reported errors on the way")
         assert [len(rels) for rels in RunStore(str(run_dir)).snapshot_shards()] == [61, 61]
 
 
