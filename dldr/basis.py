@@ -501,7 +501,8 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> 
     kind, dim = report["kind"], report["dim"]
     if rows.stop > report["num_params"]:
         raise ValueError(f"rows {rows} lie outside the basis's {report['num_params']} rows")
-    t = len(store.snapshot_shards()[0])
+    shards = store.snapshot_shards()
+    t = len(shards[0])
     if t != report["num_snapshots"]:
         raise DldrError(f"{store.url} holds {t} snapshots but its basis was built from {report['num_snapshots']}; "
                         f"re-run `dldr basis --run-dir {store.url}`")
@@ -511,7 +512,7 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> 
     mean = np.empty(rows.stop - rows.start, dtype=np.float32)
     offset = 0
     with compute_pool() as (pool, threads):
-        for rels in store.snapshot_shards():
+        for rels in shards:
             length = store.manifest[rels[0]]["shape"][0]
             lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
             if lo < hi:

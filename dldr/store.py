@@ -247,10 +247,7 @@ class RunStore:
         if not self.local:
             self.fs.makedirs(path, exist_ok=True)
             return
-        missing = []
-        while not os.path.isdir(path) and os.path.dirname(path) != path:
-            missing.append(path)
-            path = os.path.dirname(path)
+        missing = _missing_folders(path)
         if missing:
             os.makedirs(missing[0], exist_ok=True)
             for created in reversed(missing):  # a new folder is durable once its parent's entry is
@@ -262,19 +259,24 @@ class RunStore:
                 os.remove(path)
 
     def _record(self, rel: str, entry: dict[str, Any]) -> None:
-        with self._lock:
-            old = self.manifest.get(rel)
-            self.manifest[rel] = entry
-            if not self.owner:
+        if not self.owner:
+            with self._lock:
+                self.manifest[rel] = entry
                 self.journal[rel] = entry
-                return
+            return
+        with self._changing():
+            self.manifest[rel] = entry
+
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Change the manifest in the block, then write it; a failed write leaves it as it was."""
+        with self._lock:
+            before = dict(self.manifest)
             try:
+                yield
                 self._write_manifest()
             except BaseException:
-                if old is None:
-                    del self.manifest[rel]
-                else:
-                    self.manifest[rel] = old
+                self.manifest = before
                 raise
 
     def take_journal(self) -> dict[str, dict[str, Any]]:
@@ -292,14 +294,8 @@ class RunStore:
         for rel, entry in entries.items():
             confine(rel, "a worker's journal")
             _check_entry(entry)
-        with self._lock:
-            old = dict(self.manifest)
+        with self._changing():
             self.manifest.update(entries)
-            try:
-                self._write_manifest()
-            except BaseException:
-                self.manifest = old
-                raise
 
     def _write_manifest(self) -> None:
         data = json.dumps({"files": self.manifest}, indent=1, sort_keys=True).encode()
@@ -332,15 +328,9 @@ class RunStore:
         doomed = [rel for rel in rels if rel in self.manifest]
         if not doomed:
             return
-        with self._lock:
-            old = dict(self.manifest)
+        with self._changing():
             for rel in doomed:
                 del self.manifest[rel]
-            try:
-                self._write_manifest()
-            except BaseException:
-                self.manifest = old
-                raise
         for rel in doomed:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(self.abspath(rel))
@@ -533,6 +523,15 @@ def _write_advice(e: OSError) -> str:
     return "choose a writable --run-dir"
 
 
+def _missing_folders(path: str) -> list[str]:
+    """``path`` and those of its parents that do not exist, deepest first."""
+    missing = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
 def _fsync_dir(path: str) -> None:
     """Make the entries of folder ``path`` (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -554,11 +553,7 @@ def _describe(holder: dict[str, Any]) -> str:
 def _flock(root: str, holder: dict[str, Any], url: str) -> Iterator[None]:
     import fcntl
 
-    created = []  # the folders made for the lock, removed again if nothing else went into them
-    folder = root
-    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
-        created.append(folder)
-        folder = os.path.dirname(folder)
+    created = _missing_folders(root)  # made for the lock, removed again if nothing else went into them
     with contextlib.suppress(OSError):  # os.open says why, below
         os.makedirs(root, exist_ok=True)
     path = os.path.join(root, LOCK)

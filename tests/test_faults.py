@@ -1,8 +1,8 @@
 """Hostile and faulty input: every case ends in one line that says what to do, a non-zero exit, and a run
 directory byte for byte as it was (or, for a new run, no run directory at all).
 
-``CASES`` and ``SCENARIOS`` are also the README's table of bad input (``test_the_readme_table_is_this_suite``):
-the README cannot list a case this suite does not show.
+``CASES`` and ``SCENARIOS`` are also the table of bad input in docs/run-directory.md, which the README links
+(``test_the_readme_table_is_this_suite``): it cannot list a case this suite does not show.
 """
 from __future__ import annotations
 
@@ -612,10 +612,10 @@ def readme_table() -> str:
 
 
 def test_the_readme_table_is_this_suite():
-    """The README's bad-input tables are rendered from CASES and SCENARIOS, whose tests all exist."""
+    """The bad-input tables the README links are rendered from CASES and SCENARIOS, whose tests all exist."""
     for _, _, test in SCENARIOS:
         module, _, name = test.rpartition("::")
         source = (REPO / module).read_text() if module else Path(__file__).read_text()
         assert f"def {name}(" in source, test
-    readme = (REPO / "README.md").read_text()
-    assert readme_table() in readme, "update README.md's bad-input table:\n" + readme_table()
+    document = (REPO / "docs" / "run-directory.md").read_text()
+    assert readme_table() in document, "update the bad-input table of docs/run-directory.md:\n" + readme_table()
