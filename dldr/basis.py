@@ -12,8 +12,10 @@ cancellation of centring a Gram of the raw weights.
 What phase 2 stores is C = V_d diag(1/sigma) (t x d), not P: P = W C holds d/t of the snapshots'
 bytes, so writing it and reading it back would cost more than the Gram pass itself. Phase 3's
 rank r forms its own rows P_r = (W_r - m_r 1^T) C from its snapshot slice as it starts
-(``basis_rows``), in float32, P's precision, and keeps them as basis/shard-RRRRR-of-NNNNN.npy
-(``basis_shard``), so after phase 3 the run directory holds P itself, sharded. A random basis is
+(``basis_rows``), in float32 or, with ``--basis-dtype bf16``, rounded to bfloat16 block by block (so
+no float32 copy of P is ever whole), and keeps them as basis/shard-RRRRR-of-NNNNN.npy (``basis_shard``;
+bfloat16 as its uint16 bit patterns, since numpy has no bfloat16), so after phase 3 the run
+directory holds P itself, sharded. A random basis is
 seeded Gaussian rows drawn in fixed global row blocks, so any rank can draw its own rows; phase 2
 draws them along the same pass, for their column norms and the variance they capture.
 
@@ -41,9 +43,11 @@ from typing import Any, TypeVar
 
 import numba
 import numpy as np
+import torch
 from threadpoolctl import threadpool_limits
 
 from dldr.errors import DldrError
+from dldr.memory import Peak
 from dldr.store import RowReader, RunStore, paged_buffer, paged_rows, shard_name
 
 BLOCK_BYTES = 64 << 20  # a block of float32 snapshot rows: 1.1 MB of each file at t = 60
@@ -66,6 +70,10 @@ SHARDS = "basis/shard-"  # the rows of P that phase 3 keeps, one file per rank
 ORTHONORMALITY_TOL = 1e-3
 # Eigenvalues below this fraction of the largest are rounding, not directions of the trajectory.
 RANK_RTOL = 1e-10
+
+# P's row types by --basis-dtype; numpy has no bfloat16, so bf16 rows are its bit patterns (torch views them as one)
+BF16 = np.dtype(np.uint16)
+BASIS_DTYPES = {"fp32": np.dtype(np.float32), "bf16": BF16}
 
 T = TypeVar("T")
 # (fn, [args of shard 0, args of shard 1, ...]) -> [fn(store, *args) for each shard], in order
@@ -94,6 +102,7 @@ class BasisReport:
     explained_variance_ratio: float
     orthonormality_error: float
     seconds: float
+    memory: list[dict[str, Any]]  # per shard: the blocks of snapshots its pass held, and its peak memory
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +112,8 @@ def block_rows(num_snapshots: int, block_bytes: int = BLOCK_BYTES) -> int:
     return max(1, block_bytes // (4 * num_snapshots))
 
 
-def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | None = None) -> Iterator[np.ndarray]:
+def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | None = None,
+                    held: dict[str, int] | None = None) -> Iterator[np.ndarray]:
     """Yield read-only t x rows float32 blocks of ``span`` of one shard's rows: row i of a block is snapshot i.
 
     A background thread reads the next block straight into place, past the page cache where it can
@@ -112,7 +122,7 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
     on storage. A block is valid until the next is asked for: its memory then takes a later block,
     because memory the process has not touched yet costs more to map than reading into it
     (benchmarks/README.md, basis). Every file is read to its end, and its checksum verified, after
-    the span's last block.
+    the span's last block. ``held["snapshot_bytes"]`` counts the bytes of the blocks' memory.
     """
     readers = []
     free: collections.deque[np.ndarray] = collections.deque()  # the memory of blocks the caller is done with
@@ -125,6 +135,7 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
                 raise DldrError(f"{store.abspath(reader.rel)} has shape {reader.shape}, expected {length} "
                                 "like the other snapshots of its shard; re-run `dldr sample`")
         span = span or slice(0, length[0])
+        rows = max(1, min(rows, span.stop - span.start))  # no block larger than the span
 
         def read() -> Iterator[tuple[np.ndarray, np.ndarray, list[Future]]]:
             # one single-thread executor per group of files keeps each file's checksum in order
@@ -137,7 +148,12 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
                     reader.skip(span.start)
                 for start in range(span.start, span.stop, rows):
                     count = min(rows, span.stop - start)
-                    raw = free.popleft() if free else paged_buffer(len(readers), rows * 4)
+                    if free:
+                        raw = free.popleft()
+                    else:
+                        raw = paged_buffer(len(readers), rows * 4)
+                        if held is not None:
+                            held["snapshot_bytes"] = held.get("snapshot_bytes", 0) + raw.nbytes
                     pages, data = paged_rows(len(readers), count * 4, readers[0].offset, raw)
                     block = data.view(np.float32)
                     updates = list(io.map(RowReader.read_into, readers, block, pages))
@@ -217,6 +233,7 @@ class ShardSums:
     gram: np.ndarray
     rtr: np.ndarray | None = None
     rts: np.ndarray | None = None
+    memory: dict[str, Any] | None = None  # ``Peak.figures`` of the pass, wherever it ran
 
 
 def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: str, seed: int,
@@ -226,13 +243,14 @@ def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: st
     Each block's columns are cut into one run per thread; the chunks' sums are added in column
     order, so the result does not depend on the number of threads.
     """
+    peak, held = Peak(), {"snapshot_bytes": 0}
     t = len(rels)
     sums = ShardSums(np.zeros((t, t)))
     if kind == "random":
         sums.rtr, sums.rts = np.zeros((dim, dim)), np.zeros((dim, t))
     row = offset
     with compute_pool() as (pool, threads):
-        for block in snapshot_blocks(store, rels, block_rows(t, block_bytes)):
+        for block in snapshot_blocks(store, rels, block_rows(t, block_bytes), held=held):
             r = random_rows(slice(row, row + block.shape[1]), dim, seed) if kind == "random" else None
             for part in pool.map(functools.partial(chunk_sums, block, r), column_runs(block.shape[1], threads)):
                 for chunk in part:
@@ -241,6 +259,7 @@ def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: st
                         sums.rtr += chunk.rtr
                         sums.rts += chunk.rts
             row += block.shape[1]
+    sums.memory = peak.figures(**held)
     return sums
 
 
@@ -418,7 +437,7 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
         kind=kind, dim=dim, seed=seed, num_snapshots=t, num_params=sum(lengths), num_shards=len(shards),
         explained_variance_ratio=explained,
         orthonormality_error=float(np.abs(gram_p - np.eye(dim)).max()),
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, memory=[s.memory for s in sums],
     )
     if kind == "trajectory" and report.orthonormality_error > ORTHONORMALITY_TOL:
         raise DldrError(f"the basis is not orthonormal (max |P^T P - I| = {report.orthonormality_error:.2e}): "
@@ -462,12 +481,15 @@ def shard_path(rank: int, num_shards: int) -> str:
     return f"basis/{shard_name(rank, num_shards)}.npy"
 
 
-def basis_shard(store: RunStore, rows: slice, rank: int, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
-    """``basis_rows`` for rank ``rank`` of ``num_shards``, which holds ``rows``; the first time, its rows
-    of P are also written to basis/shard-RRRRR-of-NNNNN.npy, where readers of the run find the basis."""
-    p, mean = basis_rows(store, rows)
+def basis_shard(store: RunStore, rows: slice, rank: int, num_shards: int, dtype: np.dtype = BASIS_DTYPES["fp32"],
+                held: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``basis_rows`` for rank ``rank`` of ``num_shards``, which holds ``rows``; the first time (or in another
+    dtype), its rows of P are also written to basis/shard-RRRRR-of-NNNNN.npy, where readers of the run find
+    the basis."""
+    p, mean = basis_rows(store, rows, dtype=dtype, held=held)
     rel = shard_path(rank, num_shards)
-    if not (store.exists(rel) and _intact(store, rel)):  # phase 2 removes them with the basis they belong to
+    # phase 2 removes them with the basis they belong to
+    if not (store.exists(rel) and store.manifest[rel].get("dtype") == p.dtype.str and _intact(store, rel)):
         store.save_array(rel, p)
     return p, mean
 
@@ -481,21 +503,38 @@ def _intact(store: RunStore, rel: str) -> bool:
     return True
 
 
+def to_bf16(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to the nearest bfloat16 (ties to even, as torch rounds), as uint16 bit patterns."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def basis_tensor(rows: np.ndarray) -> torch.Tensor:
+    """Rows of P as ``basis_rows`` gives them (float32, or bfloat16 bit patterns) as a tensor sharing their memory."""
+    return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16) if rows.dtype == BF16 else torch.from_numpy(rows)
+
+
 def centred_rows(block: np.ndarray, coeffs: np.ndarray | None, p: np.ndarray, mean: np.ndarray, cols: slice) -> None:
     """Columns ``cols`` of a block: each row's snapshot mean into ``mean`` and, given the coefficients C,
-    the rows of P = (block - mean)^T C into ``p``, a chunk at a time (it stays in cache)."""
+    the rows of P = (block - mean)^T C into ``p`` (float32, or bf16 bits), a chunk at a time (it stays in cache)."""
     mean[cols] = block[:, cols].mean(axis=0, dtype=np.float64)
     if coeffs is not None:
         for start in range(cols.start, cols.stop, GRAM_CHUNK_ROWS):
             chunk = slice(start, min(start + GRAM_CHUNK_ROWS, cols.stop))
-            np.matmul((block[:, chunk] - mean[chunk]).T, coeffs, out=p[chunk])
+            centred = (block[:, chunk] - mean[chunk]).T
+            if p.dtype == BF16:
+                p[chunk] = to_bf16(centred @ coeffs)
+            else:
+                np.matmul(centred, coeffs, out=p[chunk])
 
 
-def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``rows`` of the basis P and of the snapshot mean m, in float32: what one phase 3 rank holds.
+def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES, dtype: np.dtype = BASIS_DTYPES["fp32"],
+               held: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Rows ``rows`` of the basis P (in ``dtype``: float32, or ``BF16``) and of the snapshot mean m (float32):
+    what one phase 3 rank holds.
 
     One read of the snapshot files these rows lie in; for a trajectory basis, P's rows are the
-    centred snapshot rows times the stored coefficients C.
+    centred snapshot rows times the stored coefficients C. ``held`` counts the snapshot blocks' bytes.
     """
     report = basis_report(store)
     kind, dim = report["kind"], report["dim"]
@@ -508,7 +547,7 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> 
                         f"re-run `dldr basis --run-dir {store.url}`")
     coeffs = _stored(store, COEFFICIENTS, (t, dim)).astype(np.float32) if kind == "trajectory" else None
     scale = _stored(store, SCALE, (dim,)) if kind == "random" else None
-    p = np.empty((rows.stop - rows.start, dim), dtype=np.float32)
+    p = np.empty((rows.stop - rows.start, dim), dtype=dtype)
     mean = np.empty(rows.stop - rows.start, dtype=np.float32)
     offset = 0
     with compute_pool() as (pool, threads):
@@ -517,11 +556,12 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES) -> 
             lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
             if lo < hi:
                 for block in snapshot_blocks(store, rels, block_rows(len(rels), block_bytes),
-                                             slice(lo - offset, hi - offset)):
+                                             slice(lo - offset, hi - offset), held):
                     n = block.shape[1]
                     p_block, m_block = p[lo - rows.start:][:n], mean[lo - rows.start:][:n]
                     if coeffs is None:
-                        p_block[:] = random_rows(slice(lo, lo + n), dim, report["seed"]) * scale
+                        drawn = random_rows(slice(lo, lo + n), dim, report["seed"]) * scale
+                        p_block[:] = to_bf16(drawn) if dtype == BF16 else drawn
                     list(pool.map(functools.partial(centred_rows, block, coeffs, p_block, m_block),
                                   column_runs(n, threads)))
                     lo += n

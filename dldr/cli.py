@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 _HELP = {
     "model": "timm model name, or mlp (default for digits)",
     "data": "data set: digits (bundled), fashion-mnist[:DIR], mnist:DIR, kmnist:DIR, cifar10:DIR, cifar100:DIR, "
-            "imagefolder:DIR, ffcv:TRAIN.beton,VAL.beton or synthetic:CxHxW:K",
+            "imagefolder:DIR, ffcv:TRAIN.beton,VAL.beton or synthetic:CxHxW:K[:N]",
     "image_size": "crop size of imagefolder and ffcv data",
     "loader_workers": "image decoding processes (ffcv: threads) of imagefolder and ffcv data",
     "precision": "fp32, or bf16 autocast (fp32 weights)",
@@ -36,6 +36,7 @@ _HELP = {
     "dim": "subspace dimension d",
     "start": "w_start: the first or last snapshot, or their mean",
     "optimizer": "phase 3 optimizer",
+    "basis_dtype": "precision phase 3 holds P in: fp32, or bf16 (half the memory; products sum in fp32)",
     "subspace": "the DLDR basis, or random directions (for comparison)",
     "subspace_epochs": "epochs of phase 3",
     "batch_size": "mini-batch size of phase 1",

@@ -23,6 +23,7 @@ CHOICES = {
     "subspace": ("trajectory", "random"),
     "device": ("cpu", "cuda"),
     "precision": ("fp32", "bf16"),
+    "basis_dtype": ("fp32", "bf16"),
     "armijo_backtrack": ("interpolate", "geometric"),
     "lr_schedule": KINDS,
 }
@@ -79,6 +80,9 @@ class Config:
     # phase 3: w = w_start + P c
     start: str = "last"
     optimizer: str = "pbfgs"
+    # the precision phase 3 holds its rows of P in: bf16 halves the largest array of a large model
+    # (P is D x d: 13.8 GB in float32 for ViT-B/16 at d = 40); products with it still sum in float32
+    basis_dtype: str = "fp32"
     subspace_epochs: int = 5
     # the mini-batch of phase 3 (0: SUBSPACE_BATCHES x batch_size, as much of it as the training set
     # holds); the paper trains P-BFGS on larger batches than SGD (1024 against 128 in its code)

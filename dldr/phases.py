@@ -24,11 +24,12 @@ from tqdm.auto import tqdm
 
 from dldr import data as datasets
 from dldr import models, plots
-from dldr.basis import (SHARDS, ShardMap, basis_report, basis_shard, build_basis, check_dim, sequential,
-                        shard_path)
+from dldr.basis import (BASIS_DTYPES, SHARDS, ShardMap, basis_report, basis_shard, basis_tensor, build_basis,
+                        check_dim, sequential, shard_path)
 from dldr.comm import Comm, LocalComm
 from dldr.config import Config
 from dldr.errors import DldrError
+from dldr.memory import Peak
 from dldr.optim import PBFGS, PSGD
 from dldr.params import FlatParams, shard_slices, trainable
 from dldr.runlog import PHASES, RunLog
@@ -40,8 +41,8 @@ SUBSPACE_STATE = "subspace/state.pt"
 STATE_KEYS = ("model", "optimizer", "epoch", "fingerprint", "scheduler")
 # The keys whose change makes a stopped phase 3 start over instead of resuming.
 TRAIN_KEYS = ("model", "data", "image_size", "seed", "batch_size", "subspace_batch_size", "label_noise", "holdout",
-              "start", "optimizer", "subspace_lr", "momentum", "armijo_sigma", "armijo_beta", "armijo_backtrack",
-              "max_trials")
+              "start", "optimizer", "basis_dtype", "subspace_lr", "momentum", "armijo_sigma", "armijo_beta",
+              "armijo_backtrack", "max_trials")
 # ... and for P-SGD, whose learning-rate schedule spans the phase's epochs
 PSGD_KEYS = ("subspace_epochs", "lr_schedule", "lr_milestones", "lr_gamma", "warmup_epochs")
 
@@ -232,7 +233,7 @@ def sample(run: Run) -> dict[str, Any]:
     run writes the snapshots after that checkpoint again, under the same names.
     """
     cfg, store, comm = run.cfg, run.store, run.comm
-    start = time.perf_counter()
+    start, peak = time.perf_counter(), Peak(run.device)
     data = load_data(cfg)
     model = build_model(run, data)
     net = comm.data_parallel(model)
@@ -304,7 +305,7 @@ def sample(run: Run) -> dict[str, Any]:
     result = {"seconds": time.perf_counter() - start, "epochs": cfg.sample_epochs, "snapshots": snapshots,
               "snapshot_every": every,
               "test_accuracy": run.log.records[-1]["test_accuracy"], "workers": comm.world_size,
-              "largest_snapshot_bytes": comm.all_gather_object(writer.largest_bytes)}
+              "memory": comm.all_gather_object(peak.figures(snapshot_bytes=writer.peak_bytes))}
     if run.main:
         store.write_bytes("plots/curves.png", plots.curves(run.log.records))
     run.log.finish("sample", result)
@@ -358,7 +359,8 @@ def basis(run: Run) -> dict[str, Any]:
     store.write_bytes("plots/explained_variance.png", plots.explained_variance(eigvals, cfg.dim))
     run.log.log("basis", **report.to_dict())
     result = {"seconds": report.seconds, "dim": report.dim,
-              "explained_variance_ratio": report.explained_variance_ratio, "subspace": report.kind}
+              "explained_variance_ratio": report.explained_variance_ratio, "subspace": report.kind,
+              "memory": report.memory}
     run.log.finish("basis", result)
     return result
 
@@ -452,9 +454,10 @@ def _saved_state(run: Run, fingerprint: str) -> dict[str, Any] | None:
     return state if state["fingerprint"] == fingerprint and state["epoch"] < run.cfg.subspace_epochs else None
 
 
-def load_subspace(run: Run, model: nn.Module) -> Subspace:
-    """The run's subspace for this rank (its rows P_r of the basis, formed from its snapshot rows and
-    kept in basis/), with ``model`` set to w_start."""
+def load_subspace(run: Run, model: nn.Module, held: dict[str, int] | None = None) -> Subspace:
+    """The run's subspace for this rank (its rows P_r of the basis in ``--basis-dtype``, formed from its
+    snapshot rows and kept in basis/), with ``model`` set to w_start. ``held`` counts the snapshot
+    blocks' bytes."""
     cfg, store, comm = run.cfg, run.store, run.comm
     flat = FlatParams(trainable(model))
     stored = basis_report(store)["num_params"]
@@ -462,14 +465,14 @@ def load_subspace(run: Run, model: nn.Module) -> Subspace:
         raise DldrError(f"the run's snapshots have {stored} parameters but {cfg.model} on {cfg.data} "
                         f"has {flat.numel}; train with the --model and --data the run was sampled with")
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
-    rows, mean = basis_shard(store, shard, comm.rank, comm.world_size)
+    rows, mean = basis_shard(store, shard, comm.rank, comm.world_size, BASIS_DTYPES[cfg.basis_dtype], held)
     _commit(run)
     if run.main:  # P's shards from a phase 3 with another number of workers
         store.remove_files(set(store.files(SHARDS)) - {shard_path(r, comm.world_size)
                                                         for r in range(comm.world_size)})
     start = mean if cfg.start == "mean" else _start_point(store, cfg.start, shard)  # this rank's rows of w_start
     flat.set(comm.all_gather_cat(torch.from_numpy(start).to(run.device)))
-    return Subspace(torch.from_numpy(rows).to(run.device), shard, comm)
+    return Subspace(basis_tensor(rows).to(run.device), shard, comm)
 
 
 def train(run: Run) -> dict[str, Any]:
@@ -479,10 +482,10 @@ def train(run: Run) -> dict[str, Any]:
     stopped (a killed run, a failed worker group) resumes from it.
     """
     cfg, store, comm = run.cfg, run.store, run.comm
-    start = time.perf_counter()
+    start, peak, held = time.perf_counter(), Peak(run.device), {"snapshot_bytes": 0}
     data = load_data(cfg)
     model = build_model(run, data)
-    subspace = load_subspace(run, model)
+    subspace = load_subspace(run, model, held)
     opt = make_optimizer(cfg, model, subspace)
     batch_size = cfg.train_batch_size(len(data.train_labels))
     steps_per_epoch = data.steps(batch_size, comm.world_size)
@@ -541,8 +544,10 @@ def train(run: Run) -> dict[str, Any]:
         store.write_bytes("plots/curves.png", plots.curves(run.log.records))
     result = {"seconds": time.perf_counter() - start, "epochs": cfg.subspace_epochs, "test_accuracy": test_acc,
               "line_search_failures": stats.get("line_search_failures", 0), "optimizer": cfg.optimizer,
-              "workers": comm.world_size, "resumed_after_epoch": first_epoch - 1,
-              "basis_rows_per_rank": comm.all_gather_object(subspace.basis.shape[0])}
+              "workers": comm.world_size, "resumed_after_epoch": first_epoch - 1, "basis_dtype": cfg.basis_dtype,
+              "memory": comm.all_gather_object(peak.figures(
+                  basis_rows=subspace.basis.shape[0],
+                  basis_bytes=subspace.basis.element_size() * subspace.basis.numel(), **held))}
     run.log.finish("train", result)
     return result
 

@@ -832,19 +832,20 @@ class BackgroundWriter:
     def __init__(self, store: RunStore, max_pending: int = 2):
         self.store = store
         self.max_pending = max_pending
-        self.largest_bytes = 0
+        self.peak_bytes = 0  # the most bytes of arrays waiting or being written at once
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dldr-writer")
-        self._pending: list[Future] = []
+        self._pending: list[tuple[Future, int]] = []
 
     def submit(self, rel: str, array: np.ndarray) -> None:
         while len(self._pending) >= self.max_pending:
-            self._pending.pop(0).result()
-        self.largest_bytes = max(self.largest_bytes, array.nbytes)
-        self._pending.append(self._pool.submit(self.store.save_array, rel, array))
+            self._pending.pop(0)[0].result()
+        held = array.nbytes + sum(n for future, n in self._pending if not future.done())
+        self.peak_bytes = max(self.peak_bytes, held)
+        self._pending.append((self._pool.submit(self.store.save_array, rel, array), array.nbytes))
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []
-        for future in pending:
+        for future, _ in pending:
             future.result()
 
     def __enter__(self) -> BackgroundWriter:

@@ -15,6 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from dldr import memory
 from dldr.plots import png
 
 PACKAGES = ("torch", "torchvision", "timm", "ray", "numpy", "scipy")
@@ -110,21 +111,12 @@ def write(out: Path, name: str, preset: str, settings: dict[str, Any], results: 
     return stem
 
 
-def _status_bytes(field: str) -> int:
-    """A memory figure of /proc/self/status: VmRSS (resident now) or VmHWM (its peak since exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"/proc/self/status has no {field}")
-
-
 def _measured(fn: Callable[..., dict[str, Any]], args: tuple) -> dict[str, Any]:
-    before = _status_bytes("VmRSS")
+    before = memory.status_bytes("VmRSS")
     start = time.perf_counter()
     result = fn(*args)
     seconds = time.perf_counter() - start
-    peak = _status_bytes("VmHWM")  # not ru_maxrss: that one keeps the forking parent's peak across exec
+    peak = memory.status_bytes("VmHWM")  # not ru_maxrss: that one keeps the forking parent's peak across exec
     return {**result, "seconds": seconds, "peak_rss_bytes": peak, "rss_before_bytes": before}
 
 

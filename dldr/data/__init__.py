@@ -7,7 +7,7 @@
 ``cifar10:DIR``, ``cifar100:DIR``   the python-version CIFAR folders, crop + flip
 ``imagefolder:DIR``                 DIR/train/CLASS/*, DIR/val/CLASS/*; ImageNet crops
 ``ffcv:TRAIN.beton,VAL.beton``      files written by ``dldr data convert``
-``synthetic:CxHxW:K``               seeded random pixels and labels, any shape
+``synthetic:CxHxW:K[:N]``           seeded random pixels and labels, any shape
 ==================================  =====================================================
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dldr.data.source import DataSource, noisy_labels
 from dldr.errors import DldrError
 
 SPECS = ("digits, fashion-mnist[:DIR], mnist:DIR, kmnist:DIR, cifar10:DIR, cifar100:DIR, imagefolder:DIR, "
-         "ffcv:TRAIN.beton,VAL.beton or synthetic:CxHxW:K")
+         "ffcv:TRAIN.beton,VAL.beton or synthetic:CxHxW:K[:N]")
 
 __all__ = ["SPECS", "DataSource", "load", "noisy_labels"]
 

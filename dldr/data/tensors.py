@@ -7,8 +7,8 @@ split into train and test with a fixed seed so every run sees the same split. ``
 (``dldr.data.idx``), normalised with the training images' own mean and deviation. ``cifar10:DIR`` and
 ``cifar100:DIR`` read the python-version CIFAR folders (``dldr.data.cifar``), normalised per
 channel with CIFAR's own statistics and augmented with the standard 4-pixel random crop and
-horizontal flip. ``synthetic:CxHxW:K`` is seeded random pixels with random labels of any shape,
-for tests and throughput.
+horizontal flip. ``synthetic:CxHxW:K[:N]`` is seeded random pixels with random labels of any shape
+(N training images and N/4 test images; 512 and 128 by default), for tests, throughput and memory.
 """
 from __future__ import annotations
 
@@ -149,22 +149,27 @@ def cifar_folder(kind: str, root: str) -> TensorSource:
 
 
 def synthetic(args: str) -> TensorSource:
-    shape_text, _, classes_text = (args or "3x32x32:10").partition(":")
+    shape_text, _, rest = (args or "3x32x32:10").partition(":")
+    classes_text, _, count_text = rest.partition(":")
     try:
         shape = tuple(int(s) for s in shape_text.split("x"))
         num_classes = int(classes_text or 10)
+        train = int(count_text) if count_text else SYNTHETIC_SIZES[0]
     except ValueError:
         shape = ()
-    if len(shape) != 3 or min(shape) < 1 or num_classes < 2:
-        raise DldrError(f"synthetic data is synthetic:CxHxW:K (e.g. synthetic:3x32x32:10), got synthetic:{args}")
-    need = sum(SYNTHETIC_SIZES) * int(np.prod(shape, dtype=object))
+    if len(shape) != 3 or min(shape) < 1 or num_classes < 2 or train < 1:
+        raise DldrError(f"synthetic data is synthetic:CxHxW:K[:N] (e.g. synthetic:3x32x32:10, or "
+                        f"synthetic:3x224x224:10:80 for 80 training images), got synthetic:{args}")
+    sizes = (train, max(1, train * SYNTHETIC_SIZES[1] // SYNTHETIC_SIZES[0])) if count_text else SYNTHETIC_SIZES
+    need = sum(sizes) * int(np.prod(shape, dtype=object))
     if need > SYNTHETIC_MAX_BYTES:
         raise DldrError(f"synthetic:{args} needs {need / 2**30:.1f} GiB of images, more than the "
-                        f"{SYNTHETIC_MAX_BYTES / 2**30:.0f} GiB synthetic data may take; choose a smaller CxHxW")
+                        f"{SYNTHETIC_MAX_BYTES / 2**30:.0f} GiB synthetic data may take; choose a smaller CxHxW or N")
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    n = sum(SYNTHETIC_SIZES)
+    n = sum(sizes)
     x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
     y = torch.randint(num_classes, (n,), generator=g)
-    k = SYNTHETIC_SIZES[0]
+    k = sizes[0]
     stats = Stats(UNIFORM_STATS.mean * shape[0], UNIFORM_STATS.std * shape[0])
-    return TensorSource(f"synthetic:{shape_text}:{num_classes}", x[:k], y[:k], x[k:], y[k:], num_classes, stats)
+    name = f"synthetic:{shape_text}:{num_classes}" + (f":{train}" if count_text else "")
+    return TensorSource(name, x[:k], y[:k], x[k:], y[k:], num_classes, stats)
