@@ -1,15 +1,19 @@
 """The benchmark suite at smoke sizes: every benchmark runs, writes its files, and its figures hold together."""
 import json
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 from dldr import cli
-from dldr.bench import BENCHMARKS, methods, step
+from dldr.bench import BENCHMARKS, gpu, large, methods, step
 from dldr.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench(name: str, out) -> dict:
@@ -89,6 +93,45 @@ def test_distributed_one_and_two_workers_agree(tmp_path, ray_cluster):
     assert set(r["1"]["wall_seconds"]) == {"sample", "basis", "train"}
 
 
+def test_large_measures_every_phase_and_process_and_bf16_halves_p(tmp_path, ray_cluster):
+    r = _bench("large", tmp_path)
+    assert list(r["runs"]) == ["1/fp32", "1/bf16", "2/fp32", "2/bf16"]
+    sizes = r["sizes"]
+    assert sizes == {"num_params": 85_002, "num_snapshots": 12, "dim": 4}
+    for key, entry in r["runs"].items():
+        shards = entry["shards"]
+        assert list(entry["phases"]) == (["sample", "basis", "train"] if key.endswith("fp32") else ["train"])
+        for phase in entry["phases"].values():
+            assert len(phase["memory"]) == shards and all(m["peak_rss_bytes"] > 50 << 20 for m in phase["memory"])
+        train = entry["phases"]["train"]["memory"]
+        assert sum(m["basis_rows"] for m in train) == sizes["num_params"]
+        width = 4 if entry["basis_dtype"] == "fp32" else 2
+        assert [m["basis_bytes"] for m in train] == [width * sizes["dim"] * m["basis_rows"] for m in train]
+    assert r["naive_bytes"] == {"basis": 2 * 12 * 85_002 * 4, "train": 85_002 * 4 * 4}
+    q = r["projection"]
+    assert q["rows"] == 42_501 and q["fp32"]["basis_bytes"] == 2 * q["bf16"]["basis_bytes"]
+    assert q["fp32"]["project_rel_error"] < 1e-6 < q["bf16"]["project_rel_error"] < 1e-2
+    assert q["fp32"]["lift_rel_error"] < 1e-6 < q["bf16"]["lift_rel_error"] < 1e-2
+    real = r["real"]["mlp on digits"]
+    assert real["difference_points"] == pytest.approx(100 * (real["bf16"]["test_accuracy"] -
+                                                             real["fp32"]["test_accuracy"]))
+    assert real["fp32"]["basis_bytes"] == 2 * real["bf16"]["basis_bytes"]
+
+
+def test_device_check_runs_at_cpu_size(tmp_path):
+    """benchmarks/gpu_check.sh as a GPU machine runs it, at the CPU sizes of its smoke preset."""
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "smoke"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu-smoke.json").read_text())["results"]
+    tests = r["cuda_tests"]["tests"]
+    assert len(tests) == 7 and {t["outcome"] for t in tests.values()} == {"passed"}  # DLDR_TEST_DEVICE=cpu
+    assert set(r["step"]) == {s.label for s in step.PRESETS["smoke"]}
+    assert list(r["large"]["phases"]) == ["sample", "basis", "train"] and r["large"]["step"]["pbfgs"]["mean_trials"] >= 1
+    assert set(r["real"]["digits, MLP"]) == {"sgd", "dldr 1/3"}
+    assert (tmp_path / "gpu-smoke.md").read_text().startswith("`dldr bench gpu --preset smoke`")
+
+
 def test_unknown_benchmark_or_preset_is_one_line(capsys):
     assert cli.main(["bench", "basis", "--preset", "gpu"]) == 1
     assert capsys.readouterr().err.strip().startswith("dldr: error: basis has no preset 'gpu'; use one of")
@@ -98,7 +141,7 @@ def test_unknown_benchmark_or_preset_is_one_line(capsys):
                                                    "use --preset cpu")
     with pytest.raises(SystemExit):
         cli.main(["bench", "nope"])
-    assert set(BENCHMARKS) == {"wallclock", "label_noise", "sampling", "step", "basis", "distributed"}
+    assert set(BENCHMARKS) == {"wallclock", "label_noise", "sampling", "step", "basis", "distributed", "large", "gpu"}
 
 
 def test_gpu_presets_are_valid_configurations():
@@ -108,6 +151,9 @@ def test_gpu_presets_are_valid_configurations():
             Config.from_dict({**setting.common, **setting.dldr, "model": setting.model, "data": setting.data,
                               "sample_epochs": setting.sample_epochs(budget), "lr": setting.lrs[0]})
         assert timm.is_model(setting.model)
-    for setting in step.PRESETS["gpu"]:
+    for setting in [*step.PRESETS["gpu"], gpu.PRESETS["gpu"].large]:
         Config.from_dict(setting.config)
         assert timm.is_model(setting.config["model"])
+    for setting in gpu.PRESETS["gpu"].real:
+        Config.from_dict({**setting.common, "model": setting.model, "data": setting.data})
+    Config.from_dict(large.PRESETS["cpu"].config)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dldr import data as datasets
 from dldr import models, phases
-from dldr.basis import basis_rows
+from dldr.basis import basis_rows, basis_tensor, to_bf16
 from dldr.cli import main
 from dldr.params import FlatParams, trainable
 from dldr.phases import evaluate, open_run
@@ -65,6 +65,13 @@ def test_fit_writes_the_run_directory(small_run):
     assert set(summary["phases"]["train"]) >= {"seconds", "epochs", "test_accuracy", "line_search_failures"}
     assert summary["phases"]["sample"]["snapshots"] == steps + 1
     assert summary["test_accuracy"] == summary["phases"]["train"]["test_accuracy"]
+    memory = {name: phase["memory"] for name, phase in summary["phases"].items()}  # one rank, one shard
+    assert memory["sample"][0]["snapshot_bytes"] in (4 * num_params, 8 * num_params)  # one or two waiting copies
+    # one block holds all of its rows, each file's part aligned for direct reads
+    assert 4 * num_params * (steps + 1) <= memory["basis"][0]["snapshot_bytes"] <= 4 * (num_params + 4096) * (steps + 1)
+    assert memory["train"][0]["basis_bytes"] == basis.nbytes and memory["train"][0]["basis_rows"] == num_params
+    for phase in memory.values():
+        assert phase[0]["peak_rss_bytes"] > 50 << 20 and phase[0]["peak_cuda_bytes"] is None
     records = [json.loads(line) for line in store.read_bytes("metrics.jsonl").decode().splitlines()]
     assert [(r["phase"], r.get("epoch")) for r in records] == [
         ("sample", 1), ("sample", 2), ("sample", 3), ("basis", None), ("train", 1), ("train", 2)]
@@ -88,6 +95,33 @@ def test_the_trained_model_lies_in_the_affine_subspace(small_run):
     residual = offset - basis @ (basis.T @ offset)
     assert np.linalg.norm(offset) > 0.1  # phase 3 moved away from w_start
     assert np.linalg.norm(residual) < 1e-4 * np.linalg.norm(offset)
+
+
+def test_bf16_basis_is_fp32_p_rounded_and_holds_half_the_bytes(small_run, tmp_path):
+    run_dir = str(tmp_path / "bf16")
+    shutil.copytree(small_run, run_dir)
+    fp32 = RunStore(run_dir).load_array(SHARD)
+    before = RunStore(run_dir).read_json("summary.json")["phases"]["train"]
+    assert main(["train", "--run-dir", run_dir, "--basis-dtype", "bf16", "--quiet"]) == 0
+    store = RunStore(run_dir)
+    bits = store.load_array(SHARD)  # written again, as bfloat16 bit patterns
+    assert bits.dtype == np.uint16 and bits.shape == fp32.shape
+    np.testing.assert_array_equal(bits, torch.from_numpy(fp32).bfloat16().view(torch.int16).numpy().view(np.uint16))
+    np.testing.assert_array_equal(to_bf16(fp32), bits)
+    after = store.read_json("summary.json")["phases"]["train"]
+    assert after["basis_dtype"] == "bf16" and after["memory"][0]["basis_bytes"] * 2 == before["memory"][0]["basis_bytes"]
+    assert abs(after["test_accuracy"] - before["test_accuracy"]) <= 0.01
+    # the weights lie in the affine subspace of the bfloat16 P
+    model = models.create("mlp", 10, (1, 8, 8))
+    model.load_state_dict(load_file(store.abspath("model.safetensors")))
+    offset = FlatParams(trainable(model)).get().double() - torch.from_numpy(store.load_array(
+        store.files("snapshots/")[-1])).double()
+    p = basis_tensor(bits).double()
+    coords = torch.linalg.lstsq(p, offset[:, None]).solution
+    assert float((offset - (p @ coords)[:, 0]).norm()) < 1e-4 * float(offset.norm())
+    # back to float32 (config.yaml keeps bf16 until told): the shard is written again in float32
+    assert main(["train", "--run-dir", run_dir, "--basis-dtype", "fp32", "--quiet"]) == 0
+    np.testing.assert_array_equal(RunStore(run_dir).load_array(SHARD), fp32)
 
 
 def test_phases_rerun_on_an_existing_run(small_run, tmp_path):

@@ -71,8 +71,16 @@ def test_each_rank_holds_only_its_shard(fits):
     """Phase 1 copies out and writes only the rank's slice; phase 3 loads only its rows of P."""
     summary = RunStore(fits[2]).read_json("summary.json")["phases"]
     lengths = [s.stop - s.start for s in shard_slices(NUM_PARAMS, 2)]
-    assert summary["sample"]["largest_snapshot_bytes"] == [4 * n for n in lengths]
-    assert summary["train"]["basis_rows_per_rank"] == lengths
+    # a rank's copies waiting to be written: one or two snapshot slices (the writer keeps at most two)
+    assert [m["snapshot_bytes"] // (4 * n) for m, n in zip(summary["sample"]["memory"], lengths, strict=True)] \
+        in ([1, 1], [1, 2], [2, 1], [2, 2])
+    assert [m["basis_rows"] for m in summary["train"]["memory"]] == lengths
+    assert [m["basis_bytes"] for m in summary["train"]["memory"]] == [4 * 40 * n for n in lengths]
+    # every rank's own peak memory, and each phase 2 task's
+    for phase in ("sample", "basis", "train"):
+        assert len(summary[phase]["memory"]) == 2
+        for m in summary[phase]["memory"]:
+            assert m["peak_rss_bytes"] > 50 << 20 and m["peak_rss_reset"] and m["peak_cuda_bytes"] is None
     # each rank kept its rows of P; together they are the whole basis
     store = RunStore(fits[2])
     assert store.files("basis/shard-") == [f"basis/shard-{r:05d}-of-00002.npy" for r in range(2)]

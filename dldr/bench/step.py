@@ -68,12 +68,14 @@ PRESETS: dict[str, list[Setting]] = {
     "cpu": [Setting("digits, MLP", {**_DIGITS, "model": "mlp"}),
             Setting("digits, CNN", {**_DIGITS, **CNN, "model": "cnn"}),
             Setting("digits, CNN, batch 512", {**_DIGITS, **CNN, "model": "cnn", "subspace_batch_size": 512})],
-    "gpu": [Setting("CIFAR-shaped, ResNet-20", {"model": "cifar_resnet20", "data": "synthetic:3x32x32:10",
-                                                "sample_epochs": 11, "snapshot_every": 1, "dim": 40, "start": "last",
-                                                "subspace_batch_size": 128, "device": "cuda"}),
-            Setting("224 px, resnet18", {"model": "resnet18", "data": "synthetic:3x224x224:100", "batch_size": 64,
-                                         "sample_epochs": 6, "snapshot_every": 1, "dim": 40, "start": "last",
-                                         "subspace_batch_size": 64, "device": "cuda"}, steps=20)],
+    "gpu": [Setting("CIFAR-shaped, ResNet-20, batch 128", {"model": "cifar_resnet20", "data": "synthetic:3x32x32:10",
+                                                           "sample_epochs": 11, "snapshot_every": 1, "dim": 40,
+                                                           "start": "last", "subspace_batch_size": 128,
+                                                           "device": "cuda"}),
+            Setting("224 px, resnet18, batch 256, bf16", {"model": "resnet18", "data": "synthetic:3x224x224:100:1024",
+                                                          "batch_size": 256, "precision": "bf16", "sample_epochs": 11,
+                                                          "snapshot_every": 1, "dim": 40, "start": "last",
+                                                          "subspace_batch_size": 256, "device": "cuda"}, steps=20)],
     "smoke": [Setting("digits, MLP", {**_DIGITS, "model": "mlp", "sample_epochs": 1, "snapshot_every": 1, "dim": 4},
                       steps=3, warmup=1)],
 }
@@ -133,42 +135,49 @@ def _steps(run: phases.Run, data: DataSource, batches: list[tuple[torch.Tensor, 
     return results
 
 
+def sampled(setting: Setting, run_dir: Path) -> phases.Run:
+    """A new run of ``setting.config`` through phases 1 and 2, in-process."""
+    run = phases.start_run(Config.from_dict({**setting.config, "workers": 0, "run_dir": str(run_dir)}), progress=False)
+    phases.sample(run)
+    phases.basis(run)
+    return run
+
+
+def measure(run: phases.Run, setting: Setting) -> dict[str, Any]:
+    """``setting``'s steps of every optimizer on ``run``'s basis and start point (phases 1 and 2 done)."""
+    cfg = run.cfg
+    data = phases.load_data(cfg)
+    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+    epoch = 1
+    while len(batches) < setting.warmup + setting.steps:  # phase 3's batches, epoch after epoch
+        batches += [(run.inputs(x), y.to(run.device))
+                    for x, y in data.train_batches(cfg.train_batch_size(len(data.train_labels)), cfg.seed + 1, epoch)]
+        epoch += 1
+    batches = batches[:setting.warmup + setting.steps]
+    r = _steps(run, data, batches, setting.warmup)
+    sgd, pbfgs = r["sgd"]["seconds_per_step"], r["pbfgs"]
+    floor = pbfgs["breakdown"]["forward_backward"] + pbfgs["trial_forward_seconds"]
+    r["ratios"] = {"pbfgs_over_sgd": pbfgs["seconds_per_step"] / sgd,
+                   "psgd_over_sgd": r["psgd"]["seconds_per_step"] / sgd,
+                   "pbfgs_over_floor": pbfgs["seconds_per_step"] / floor, "floor_seconds": floor}
+    r["device"] = str(run.device)
+    r["batch_size"] = cfg.train_batch_size(len(data.train_labels))
+    print(f"{setting.label}: SGD {1e3 * sgd:.2f} ms, P-SGD {1e3 * r['psgd']['seconds_per_step']:.2f} ms, "
+          f"P-BFGS {1e3 * pbfgs['seconds_per_step']:.2f} ms ({pbfgs['mean_trials']:.2f} trials/step); P-BFGS / SGD "
+          f"{r['ratios']['pbfgs_over_sgd']:.2f}, P-BFGS / floor {r['ratios']['pbfgs_over_floor']:.2f}", flush=True)
+    return r
+
+
 def run(preset: str, work: Path) -> tuple[dict, dict, str, Figure]:
     settings = PRESETS[preset]
-    results: dict[str, Any] = {}
-    for setting in settings:
-        cfg = Config.from_dict({**setting.config, "workers": 0, "run_dir": str(work / f"run-{len(results)}")})
-        dldr = phases.start_run(cfg, progress=False)
-        phases.sample(dldr)
-        phases.basis(dldr)
-        data = phases.load_data(cfg)
-        batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        epoch = 1
-        while len(batches) < setting.warmup + setting.steps:  # phase 3's batches, epoch after epoch
-            batches += [(dldr.inputs(x), y.to(dldr.device))
-                        for x, y in data.train_batches(cfg.train_batch_size(len(data.train_labels)), cfg.seed + 1,
-                                                       epoch)]
-            epoch += 1
-        batches = batches[:setting.warmup + setting.steps]
-        r = _steps(dldr, data, batches, setting.warmup)
-        sgd, pbfgs = r["sgd"]["seconds_per_step"], r["pbfgs"]
-        floor = pbfgs["breakdown"]["forward_backward"] + pbfgs["trial_forward_seconds"]
-        r["ratios"] = {"pbfgs_over_sgd": pbfgs["seconds_per_step"] / sgd,
-                       "psgd_over_sgd": r["psgd"]["seconds_per_step"] / sgd,
-                       "pbfgs_over_floor": pbfgs["seconds_per_step"] / floor, "floor_seconds": floor}
-        r["device"] = str(dldr.device)
-        r["batch_size"] = cfg.train_batch_size(len(data.train_labels))
-        results[setting.label] = r
-        print(f"{setting.label}: SGD {1e3 * sgd:.2f} ms, P-SGD {1e3 * r['psgd']['seconds_per_step']:.2f} ms, "
-              f"P-BFGS {1e3 * pbfgs['seconds_per_step']:.2f} ms ({pbfgs['mean_trials']:.2f} trials/step); P-BFGS / SGD "
-              f"{r['ratios']['pbfgs_over_sgd']:.2f}, P-BFGS / floor {r['ratios']['pbfgs_over_floor']:.2f}", flush=True)
-    return {s.label: asdict(s) for s in settings}, results, _markdown(settings, results), _figure(results)
+    results = {s.label: measure(sampled(s, work / f"run-{i}"), s) for i, s in enumerate(settings)}
+    return {s.label: asdict(s) for s in settings}, results, markdown(settings, results), figure(results)
 
 
 PIECES = ("forward_backward", "trial_forward", "projection", "other")
 
 
-def _markdown(settings: list[Setting], results: dict[str, Any]) -> str:
+def markdown(settings: list[Setting], results: dict[str, Any]) -> str:
     text = ""
     for setting in settings:
         r = results[setting.label]
@@ -185,7 +194,7 @@ def _markdown(settings: list[Setting], results: dict[str, Any]) -> str:
     return text
 
 
-def _figure(results: dict[str, Any]) -> Figure:
+def figure(results: dict[str, Any]) -> Figure:
     def draw(ax: Any, r: dict[str, Any]) -> None:
         bottom = np.zeros(len(OPTIMIZERS))
         for piece in PIECES:
