@@ -94,12 +94,13 @@ def _figures(result: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def projection_error(run_dir: str, repeats: int) -> dict[str, Any]:
-    """P_0^T g and P_0 c with rank 0's float32 rows and with the same rows in bfloat16, against float64, and
-    their time; g is the gradient at w_start on phase 3's first batch, c the unit vector along P_0^T g."""
+    """P_0^T g and P_0 c with rank 0's float32 rows and with the same rows in bfloat16 (rounded as phase 3
+    rounds them), against float64, and their time; g is the gradient at w_start on phase 3's first batch,
+    c the unit vector along P_0^T g."""
     import torch
 
     from dldr import phases
-    from dldr.basis import basis_tensor, shard_path, to_bf16
+    from dldr.basis import shard_path
     from dldr.params import FlatParams, shard_slices, trainable
     from dldr.subspace import Subspace
 
@@ -122,7 +123,7 @@ def projection_error(run_dir: str, repeats: int) -> dict[str, Any]:
     exact = sum(torch.from_numpy(rows[c]).double().T @ g64[c] for c in chunks)
     coords = exact / exact.norm()
     out: dict[str, Any] = {"rows": len(rows), "dim": rows.shape[1]}
-    for dtype, basis in (("fp32", torch.from_numpy(rows)), ("bf16", basis_tensor(to_bf16(rows)))):
+    for dtype, basis in (("fp32", torch.from_numpy(rows)), ("bf16", torch.from_numpy(rows).bfloat16())):
         space = Subspace(basis, shard)
         seconds: dict[str, list[float]] = {"project": [], "lift": []}
         for _ in range(repeats):
