@@ -383,7 +383,8 @@ def _rows(store: RunStore, files: list[str], rows: slice) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _start_point(store: RunStore, how: str, rows: slice) -> np.ndarray:
+def start_point(store: RunStore, how: str, rows: slice) -> np.ndarray:
+    """Rows ``rows`` of w_start for --start first or last (the mean comes with P's rows, ``basis_shard``)."""
     index = 0 if how == "first" else -1
     return _rows(store, [files[index] for files in store.snapshot_shards()], rows)
 
@@ -470,7 +471,7 @@ def load_subspace(run: Run, model: nn.Module, held: dict[str, int] | None = None
     if run.main:  # P's shards from a phase 3 with another number of workers
         store.remove_files(set(store.files(SHARDS)) - {shard_path(r, comm.world_size)
                                                         for r in range(comm.world_size)})
-    start = mean if cfg.start == "mean" else _start_point(store, cfg.start, shard)  # this rank's rows of w_start
+    start = mean if cfg.start == "mean" else start_point(store, cfg.start, shard)  # this rank's rows of w_start
     flat.set(comm.all_gather_cat(torch.from_numpy(start).to(run.device)))
     return Subspace(basis_tensor(rows).to(run.device), shard, comm)
 

@@ -1,7 +1,9 @@
-"""Test helpers: trajectories with a known principal subspace, written as phase 1 would."""
+"""Test helpers: trajectories with a known principal subspace, written as phase 1 would; small optimizer problems."""
 import re
 
 import numpy as np
+import torch
+from torch import nn
 
 from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
@@ -102,3 +104,29 @@ def write_idx_folder(root, train: int = 240, test: int = 60, size: int = 28, cla
             path.write_bytes(gzip.compress(raw) if zipped else raw)
             written[name] = array
     return written
+
+
+def orthonormal(num_params: int, dim: int, seed: int = 0) -> torch.Tensor:
+    """A seeded float64 basis with orthonormal columns."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(num_params, dim, generator=g, dtype=torch.float64))[0]
+
+
+def bn_problem(device: str = "cpu"):
+    """A small BatchNorm model on ``device``, a batch (x, y), a float32 basis of 4 directions and the parameter count."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+    x, y = torch.randn(32, 5).to(device), torch.randint(3, (32,)).to(device)
+    num = sum(p.numel() for p in model.parameters())
+    return model, x, y, orthonormal(num, 4).float().to(device), num
+
+
+def model_closure(opt, model, x, y):
+    """The closure of a cross-entropy step: the loss, with its gradient unless a line-search trial."""
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if torch.is_grad_enabled():
+            loss.backward()
+        return loss
+    return closure

@@ -22,6 +22,7 @@ from dldr.optim import PBFGS  # noqa: E402
 from dldr.params import FlatParams, trainable  # noqa: E402
 from dldr.store import RunStore  # noqa: E402
 from dldr.subspace import Subspace  # noqa: E402
+from tests.helpers import bn_problem, model_closure, orthonormal  # noqa: E402
 
 DEVICE = os.environ.get("DLDR_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 pytestmark = [pytest.mark.cuda,
@@ -39,11 +40,6 @@ def deterministic():
         torch.use_deterministic_algorithms(before)
 
 
-def _orthonormal(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(rows, dim, generator=g, dtype=torch.float64))[0].float()
-
-
 def _run(tmp_path, device: str, **keys) -> phases.Run:
     cfg = Config.from_dict({"workers": 0, "device": device, "run_dir": str(tmp_path / f"run-{device}"), **keys})
     return phases.Run(cfg, RunStore(cfg.run_dir), progress=False)
@@ -58,7 +54,7 @@ def test_subspace_optimizers_take_the_cpus_steps(tmp_path, optimizer):
         data = phases.load_data(run.cfg)
         model = phases.build_model(run, data)
         flat = FlatParams(trainable(model))
-        opt = phases.make_optimizer(run.cfg, model, Subspace(_orthonormal(flat.numel, 8).to(device),
+        opt = phases.make_optimizer(run.cfg, model, Subspace(orthonormal(flat.numel, 8).float().to(device),
                                                              slice(0, flat.numel)))
         with deterministic():
             for step, (x, y) in enumerate(data.train_batches(256, 0, 1)):
@@ -117,23 +113,11 @@ def test_bf16_autocast_and_channels_last_through_all_three_phases(tmp_path, monk
 
 
 def test_trial_forwards_leave_batchnorm_buffers_as_one_training_forward_would():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(DEVICE)
-    x, y = torch.randn(32, 5, device=DEVICE), torch.randint(3, (32,), device=DEVICE)
-    num = sum(p.numel() for p in model.parameters())
+    model, x, y, basis, num = bn_problem(DEVICE)
     reference = copy.deepcopy(model)
     reference(x)  # the single training forward that may move the running statistics
-    opt = PBFGS(model.parameters(), Subspace(_orthonormal(num, 4).to(DEVICE), slice(0, num)),
-                buffers=list(model.buffers()))
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt = PBFGS(model.parameters(), Subspace(basis, slice(0, num)), buffers=list(model.buffers()))
+    opt.step(model_closure(opt, model, x, y))
     assert opt.state[next(model.parameters())]["trials"] >= 1
     for got, want in zip(model.buffers(), reference.buffers(), strict=True):
         assert torch.equal(got, want)

@@ -10,6 +10,7 @@ from dldr.config import Config
 from dldr.optim import PBFGS, PSGD, inverse_hessian_update
 from dldr.optim.pbfgs import backtrack
 from dldr.subspace import Subspace
+from tests.helpers import bn_problem, model_closure, orthonormal
 
 
 class Vector(nn.Module):
@@ -18,11 +19,6 @@ class Vector(nn.Module):
     def __init__(self, w: torch.Tensor):
         super().__init__()
         self.w = nn.Parameter(w.clone())
-
-
-def _orthonormal(num_params: int, dim: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(num_params, dim, generator=g, dtype=torch.float64))[0]
 
 
 def _closure(opt, model, loss_fn):
@@ -69,7 +65,7 @@ def test_first_update_scales_the_identity_as_lbfgs_does():
 
 def test_pbfgs_solves_a_convex_quadratic_in_the_subspace_within_3d_iterations():
     num_params, dim = 300, 12
-    basis = _orthonormal(num_params, dim)
+    basis = orthonormal(num_params, dim)
     g = torch.Generator().manual_seed(1)
     q = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
     hessian = q @ torch.diag(torch.linspace(1.0, 10.0, dim, dtype=torch.float64)) @ q.T
@@ -183,32 +179,12 @@ def test_negative_curvature_pair_is_skipped():
     torch.testing.assert_close(state["inv_hessian"], torch.eye(1, dtype=torch.float64))
 
 
-def _bn_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    x, y = torch.randn(32, 5), torch.randint(3, (32,))
-    params = [p for p in model.parameters()]
-    num = sum(p.numel() for p in params)
-    basis = _orthonormal(num, 4).float()
-    return model, x, y, basis, num
-
-
-def _model_closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        if torch.is_grad_enabled():
-            loss.backward()
-        return loss
-    return closure
-
-
 def test_trial_forwards_leave_batchnorm_buffers_as_one_training_forward_would():
-    model, x, y, basis, num = _bn_problem()
+    model, x, y, basis, num = bn_problem()
     reference = copy.deepcopy(model)
     reference(x)  # the single training forward that may move the running statistics
     opt = PBFGS(model.parameters(), Subspace(basis, slice(0, num)), buffers=list(model.buffers()))
-    opt.step(_model_closure(opt, model, x, y))
+    opt.step(model_closure(opt, model, x, y))
     assert opt.state[next(model.parameters())]["trials"] >= 1
     for got, want in zip(model.buffers(), reference.buffers()):
         assert torch.equal(got, want)
@@ -216,16 +192,16 @@ def test_trial_forwards_leave_batchnorm_buffers_as_one_training_forward_would():
 
 def test_resumed_pbfgs_continues_exactly():
     def run(steps, resume_at=None):
-        model, x, y, basis, num = _bn_problem()
+        model, x, y, basis, num = bn_problem()
         opt = PBFGS(model.parameters(), Subspace(basis, slice(0, num)), buffers=list(model.buffers()))
         for k in range(steps):
             if k == resume_at:
                 saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-                model, *_ = _bn_problem()
+                model, *_ = bn_problem()
                 model.load_state_dict(saved_model)
                 opt = PBFGS(model.parameters(), Subspace(basis, slice(0, num)), buffers=list(model.buffers()))
                 opt.load_state_dict(saved_opt)
-            opt.step(_model_closure(opt, model, x + 0.1 * k, y))
+            opt.step(model_closure(opt, model, x + 0.1 * k, y))
         return model, opt.state[next(model.parameters())]
 
     straight, straight_state = run(10)
@@ -243,7 +219,7 @@ def test_resumed_pbfgs_continues_exactly():
 
 def test_psgd_matches_dense_projected_momentum_sgd():
     num_params, dim, lr, momentum = 50, 5, 0.05, 0.9
-    basis = _orthonormal(num_params, dim)
+    basis = orthonormal(num_params, dim)
     g = torch.Generator().manual_seed(2)
     a = torch.randn(num_params, num_params, generator=g, dtype=torch.float64)
     loss_fn = lambda w: 0.5 * w @ (a @ a.T / num_params) @ w + w.sum()

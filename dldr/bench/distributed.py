@@ -7,7 +7,6 @@ kept rows r of it), plus the eigenvalues and the test accuracies.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,7 @@ def run(preset: str, work: Path) -> tuple[dict, dict, str, Figure]:
         for workers in WORKERS:
             cfg = Config.from_dict({**PRESETS[preset], "workers": workers, "run_dir": str(work / f"workers-{workers}")})
             run = phases.start_run(cfg, progress=False)
-            walls = {}
-            for name in PHASES:
-                start = time.perf_counter()
-                ray_train.run_phases(run, [name])
-                walls[name] = time.perf_counter() - start
+            walls = report.timed_phases(run, PHASES)
             summary = run.log.summary["phases"]
             results[str(workers)] = {"wall_seconds": walls,
                                      "phase_seconds": {name: summary[name]["seconds"] for name in PHASES},

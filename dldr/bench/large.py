@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from matplotlib.figure import Figure
 
 from dldr.bench import report
@@ -63,16 +62,7 @@ def _phases(config: dict[str, Any], names: tuple[str, ...], overrides: dict[str,
         run = phases.start_run(Config.from_dict(config), progress=False)
     else:
         run = phases.open_run(config["run_dir"], overrides, progress=False)
-    walls = {}
-    for name in names:
-        start = time.perf_counter()
-        if run.cfg.workers:
-            from dldr import ray_train
-
-            ray_train.run_phases(run, [name])
-        else:
-            phases.PHASE_FUNCTIONS[name](run)
-        walls[name] = time.perf_counter() - start
+    walls = report.timed_phases(run, names)
     return {"summary": run.log.summary["phases"], "wall_seconds": walls}
 
 
@@ -110,8 +100,7 @@ def projection_error(run_dir: str, repeats: int) -> dict[str, Any]:
     data = phases.load_data(cfg)
     model = phases.build_model(run, data)
     flat = FlatParams(trainable(model))
-    index = 0 if cfg.start == "first" else -1  # the bench's runs start at the first or the last snapshot
-    flat.set(torch.from_numpy(np.concatenate([store.load_array(files[index]) for files in shards])))
+    flat.set(torch.from_numpy(phases.start_point(store, cfg.start, slice(0, flat.numel))))
     x, y = next(iter(data.train_batches(cfg.train_batch_size(len(data.train_labels)), cfg.seed + 1, 1)))
     with run.autocast():
         torch.nn.functional.cross_entropy(model(run.inputs(x)), y).backward()

@@ -111,6 +111,24 @@ def write(out: Path, name: str, preset: str, settings: dict[str, Any], results: 
     return stem
 
 
+def timed_phases(run: Any, names: Sequence[str]) -> dict[str, float]:
+    """Run the phases ``names`` of ``run`` (a ``phases.Run``) one after another, in this process or on the
+    connected Ray cluster when it has --workers; each phase's wall time, worker start-up included."""
+    from dldr import phases
+
+    walls = {}
+    for name in names:
+        start = time.perf_counter()
+        if run.cfg.workers:
+            from dldr import ray_train
+
+            ray_train.run_phases(run, [name])
+        else:
+            phases.PHASE_FUNCTIONS[name](run)
+        walls[name] = time.perf_counter() - start
+    return walls
+
+
 def _measured(fn: Callable[..., dict[str, Any]], args: tuple) -> dict[str, Any]:
     before = memory.status_bytes("VmRSS")
     start = time.perf_counter()
