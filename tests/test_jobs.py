@@ -53,7 +53,7 @@ def _head_processes(state: Path) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A head started the way the README says, with its own token file and free ports."""
+    """A head started the way docs/cluster.md says, with its own token file and free ports."""
     token = tmp_path_factory.mktemp("token") / "auth_token"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", RAY_AUTH_TOKEN_PATH=str(token))
