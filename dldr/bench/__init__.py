@@ -23,7 +23,7 @@ BENCHMARKS = {
     "large": "ViT-B/16 through every phase with 1 and 2 shards and P in float32 and bfloat16: time and peak memory "
              "per phase and process against the naive approach; bf16 P's error and accuracy",
     "gpu": "the device check: the CUDA tests, step on GPU-sized models, ViT-B/16 through every phase with P on the "
-           "GPU, Fashion-MNIST SGD against DLDR; one in-process run sized for about 8 minutes",
+           "GPU, Fashion-MNIST SGD against DLDR; one in-process run of about 5 minutes",
 }
 DEFAULT_OUT = "benchmarks/results"
 

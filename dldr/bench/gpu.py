@@ -1,5 +1,5 @@
-"""The device check: every GPU figure the project needs, from one in-process run (no Ray) sized for
-about 8 minutes on one H200. ``benchmarks/gpu_check.sh OUT`` runs it with the repository on PYTHONPATH.
+"""The device check: every GPU figure the project needs, from one in-process run (no Ray) of about 5
+minutes on one H200 (253 s measured). ``benchmarks/gpu_check.sh OUT`` runs it with the repository on PYTHONPATH.
 
 cuda_tests  tests/test_cuda.py (``pytest -m cuda``): each test's outcome and seconds
 step        ``dldr bench step``'s gpu settings: a CIFAR ResNet-20 at batch 128, resnet18 at 224 px,
