@@ -68,15 +68,69 @@ def holds_run(url: str) -> bool:
 
 
 def open_fs(url: str) -> tuple[Any, str]:
-    """The fsspec file system and root path of ``url``; a scheme fsspec cannot serve is one line."""
+    """The fsspec file system and root path of ``url``; a scheme fsspec cannot serve is one line.
+
+    An object store's file system comes wrapped so that its failures are one line (``_Guarded``).
+    """
     try:
-        return fsspec.core.url_to_fs(url)
+        fs, root = fsspec.core.url_to_fs(url)
     except ImportError as e:
-        raise DldrError(f"--run-dir {url} needs a package that is not installed ({e}); install it, "
-                        "or use a local path") from None
+        raise DldrError(f"--run-dir {url} needs a package that is not installed ({e}); install it "
+                        "(s3://: pip install \"dldr[s3]\"), or use a local path") from None
     except ValueError as e:
         raise DldrError(f"--run-dir {url}: {e}; use a local path or an fsspec URL such as s3://bucket/run") from None
+    return (fs, root) if isinstance(fs, LocalFileSystem) else (_Guarded(fs, url), root)
 
+
+@functools.cache
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """What an object store's client raises when the store fails: OSError (s3fs turns S3's answers
+    into those) and botocore's own errors, which are not OSErrors (an endpoint that does not answer)."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return (OSError,)
+    return (OSError, BotoCoreError)
+
+
+class _Guarded:
+    """An object store's file system, and the files it opens, whose failures end in one line that
+    names the run directory. FileNotFoundError, FileExistsError and io.UnsupportedOperation pass as
+    they are: the store asks those questions on purpose (is the manifest there, is the lock taken,
+    does the file have a descriptor)."""
+
+    def __init__(self, target: Any, url: str):
+        self._target, self._url = target, url
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._translated():
+                result = attr(*args, **kwargs)
+            return _Guarded(result, self._url) if isinstance(result, io.IOBase) else result
+        return call
+
+    def __enter__(self) -> _Guarded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._translated():  # closing a file written to an object store uploads its last part
+            self._target.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except (FileNotFoundError, FileExistsError, io.UnsupportedOperation):
+            raise
+        except _client_errors() as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DldrError(f"the object store of {self._url} failed ({reason}); check its endpoint "
+                            "(AWS_ENDPOINT_URL), the credentials and the network, then run the command again "
+                            "(the files completed so far are kept)") from None
 
 def confine(rel: Any, where: str) -> str:
     """``rel`` if it is a normalised relative path inside the run directory; else one line that says so.
@@ -610,7 +664,7 @@ def _object_lock(store: RunStore, holder: dict[str, Any]) -> Iterator[None]:
         try:
             other = json.loads(store.fs.cat_file(path))
             age = time.time() - float(other["heartbeat"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (DldrError, OSError, ValueError, KeyError, TypeError):
             other, age = {}, float("inf")
         stale = "; its holder is likely gone" if age > STALE_LOCK_S else ""
         raise DldrError(f"{store.url} is in use by {_describe(other)} (last heartbeat {age:.0f} s ago{stale}); "
@@ -620,7 +674,7 @@ def _object_lock(store: RunStore, holder: dict[str, Any]) -> Iterator[None]:
 
     def beat() -> None:
         while not stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(DldrError):  # a missed beat: the next one may reach the store
                 store.fs.pipe_file(path, stamp())
 
     thread = threading.Thread(target=beat, daemon=True, name="dldr-lock-heartbeat")
@@ -630,7 +684,7 @@ def _object_lock(store: RunStore, holder: dict[str, Any]) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(DldrError, FileNotFoundError):  # the error that ends the command says more
             store.fs.rm(path)
 
 

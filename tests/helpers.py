@@ -1,12 +1,23 @@
-"""Test helpers: trajectories with a known principal subspace, written as phase 1 would; small optimizer problems."""
+"""Test helpers: trajectories with a known principal subspace, written as phase 1 would; small optimizer
+problems; a small run's flags; an S3 server on loopback."""
+import contextlib
 import re
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from dldr import phases
 from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
+
+# a run of digits small enough for many tests: in this process, 3 epochs, d = 8, 2 subspace epochs
+SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2",
+         "--subspace-batch-size", "128", "--quiet"]
 
 
 # A line Ray's raylet forwards to the driver's stderr about the machine ("... is over 95% full"): Ray's, not dldr's.
@@ -130,3 +141,42 @@ def model_closure(opt, model, x, y):
             loss.backward()
         return loss
     return closure
+
+
+class StopAt(phases.Session):
+    """Stops the run like Ctrl-C would, after a given optimizer step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def after_step(self, step):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def s3_server():
+    """An S3-compatible server (moto's) in a process of its own on 127.0.0.1; yields its endpoint URL."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the S3 server did not start (exit code {server.poll()})") from None
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.kill()
+        server.wait()

@@ -16,11 +16,9 @@ from dldr.cli import main
 from dldr.params import FlatParams, trainable
 from dldr.phases import evaluate, open_run
 from dldr.store import RunStore
-from tests.helpers import stderr_lines
+from tests.helpers import SMALL, StopAt, stderr_lines
 
 SHARD = "basis/shard-00000-of-00001.npy"
-SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2",
-         "--subspace-batch-size", "128", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -191,22 +189,11 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert not run_dir.exists()
 
 
-class _StopAt(phases.Session):
-    """Stops the run like Ctrl-C would, after a given optimizer step."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def after_step(self, step):
-        if step == self.step:
-            raise KeyboardInterrupt
-
-
 def test_a_stopped_train_phase_resumes_where_it_stopped(small_run, tmp_path):
     run_dir = str(tmp_path / "stopped")
     shutil.copytree(small_run, run_dir)
     run = phases.open_run(run_dir, {})
-    run.session = _StopAt(15)  # epoch 2 of 2; epoch 1 ended at step 11 with a saved state
+    run.session = StopAt(15)  # epoch 2 of 2; epoch 1 ended at step 11 with a saved state
     with pytest.raises(KeyboardInterrupt):
         phases.train(run)
     store = RunStore(run_dir)

@@ -28,10 +28,8 @@ from dldr import store as store_module
 from dldr.cli import main
 from dldr.errors import DldrError
 from dldr.store import LOCK, RunStore
-from tests.helpers import stderr_lines
+from tests.helpers import SMALL, stderr_lines
 
-SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2",
-         "--subspace-batch-size", "128", "--quiet"]
 SNAPSHOT = "snapshots/shard-00000-of-00001/step-000017.npy"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -216,8 +214,9 @@ CASES = [
          "needs 17881.4 GiB of images, more than the 4 GiB synthetic data may take"),
     Case("a CIFAR batch whose pickle asks for a 931 GiB array", FIT + " --data cifar10:{root}/cifar",
          "data_batch_1 is not a CIFAR batch", damage=cifar_asking_for((1_000_000, 1_000_000))),
-    Case("`--run-dir s3://...` without s3fs", "fit --run-dir s3://bucket/run",
-         "--run-dir s3://bucket/run needs a package that is not installed (Install s3fs to access S3)"),
+    Case("`--run-dir gs://...` without gcsfs", "fit --run-dir gs://bucket/run",
+         "--run-dir gs://bucket/run needs a package that is not installed (Please install gcsfs to access Google Storage); "
+         "install it (s3://: pip install \"dldr[s3]\")"),
     Case("an unknown URL scheme", "fit --run-dir nosuch://bucket/run", "Protocol not known: nosuch"),
     Case("a run directory under a file", "fit --run-dir {root}/a-file/run", "choose a writable --run-dir",
          damage=lambda root: (root / "a-file").write_text("x")),

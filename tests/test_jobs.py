@@ -52,8 +52,9 @@ def _head_processes(state: Path) -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    """A head started the way docs/cluster.md says, with its own token file and free ports."""
+def head(tmp_path_factory, s3):
+    """A head started the way docs/cluster.md says, with its own token file and free ports (and the
+    session's S3 endpoint and credentials in its environment, as a cluster's nodes would have them)."""
     token = tmp_path_factory.mktemp("token") / "auth_token"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", RAY_AUTH_TOKEN_PATH=str(token))
@@ -110,6 +111,18 @@ def test_submit_wait_runs_the_digits_spec_to_its_summary(cluster_env, tmp_path, 
     assert status["status"] == "SUCCEEDED" and status["summary"] == summary
     listed = run(["jobs", "--address", cluster_env.address])
     assert job in listed["jobs"] and str(run_dir) in capsys.readouterr().out
+
+
+def test_a_job_writes_its_run_to_s3_and_status_reads_it_there(cluster_env, s3, capsys):
+    run_dir = f"{s3}/digits-job"
+    result = run(["submit", DIGITS, "--address", cluster_env.address, "--wait", "--run-dir", run_dir])
+    assert result["status"] == "SUCCEEDED"
+    store = RunStore(run_dir)
+    assert store.read_json("summary.json") == result["summary"] and result["summary"]["test_accuracy"] >= 0.96
+    assert len(store.files("snapshots/")) == 56 and store.exists("model.safetensors")
+    status = run(["status", result["job_id"], "--address", cluster_env.address])
+    assert status["summary"] == result["summary"]
+    assert run_dir in capsys.readouterr().out
 
 
 def test_a_stopped_job_says_so_and_follow_returns(cluster_env, tmp_path, capsys):
