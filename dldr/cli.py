@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from dldr.config import CHOICES, SNAPSHOTS, SUBSPACE_BATCHES, Config, field_type, read_spec
+from dldr import tracking
+from dldr.config import CHOICES, SNAPSHOTS, SUBSPACE_BATCHES, TRACKERS, Config, field_type, read_spec
 from dldr.errors import DldrError
 from dldr.store import RunStore, holds_run
 
@@ -59,13 +60,15 @@ _HELP = {
     "armijo_backtrack": "P-BFGS step after a failed trial: interpolated within [0.1, beta] alpha, "
                         "or geometric beta alpha (the paper's)",
     "max_trials": "P-BFGS line-search trials per step",
+    "tracker": "also log every epoch to mlflow (MLFLOW_TRACKING_URI, else ./mlflow.db) or tensorboard (event files "
+               "in the run directory); give it twice for both",
 }
 
 
 _DEFAULTS = {"run_dir": "runs/<time>", "address": "RAY_ADDRESS, else a local instance",
              "subspace_batch_size": f"{SUBSPACE_BATCHES} x --batch-size, at most the training set",
              "snapshot_every": f"evenly spaced, about max({SNAPSHOTS}, --dim) snapshots",
-             "lr_milestones": "0.667, the paper's"}
+             "lr_milestones": "0.667, the paper's", "tracker": "none"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,9 +81,10 @@ class _Parser(argparse.ArgumentParser):
 def _config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     for f in fields(Config):
         if f.name not in skip:
+            several = {"action": "append"} if f.name == "tracker" else {}
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=field_type(f),
-                                choices=CHOICES.get(f.name), default=argparse.SUPPRESS,
-                                help=f"{_HELP[f.name]} (default: {_DEFAULTS.get(f.name, f.default)})")
+                                choices=TRACKERS if several else CHOICES.get(f.name), default=argparse.SUPPRESS,
+                                help=f"{_HELP[f.name]} (default: {_DEFAULTS.get(f.name, f.default)})", **several)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -161,6 +165,8 @@ def _config_values(args: argparse.Namespace) -> dict[str, Any]:
             raise DldrError(f"--config {args.config} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         values.update(read_spec(text, source=args.config)[0])
     values.update({f.name: getattr(args, f.name) for f in fields(Config) if hasattr(args, f.name)})
+    if isinstance(values.get("tracker"), list):  # --tracker given once or more
+        values["tracker"] = ",".join(values["tracker"])
     return values
 
 
@@ -183,6 +189,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     new = args.command == "fit" or (args.command == "sample" and not (run_dir and holds_run(run_dir)))
     if new:  # everything that can be known before the run directory exists
         cfg = Config.from_dict(values, source="command line")
+        tracking.check(cfg)
         phases.check_sampling(cfg, names)
         run_dir = cfg.run_dir
     elif run_dir is None:
@@ -193,6 +200,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             run = phases.open_run(values.pop("run_dir"), values, progress)
             phases.check_phases(run, names)
             cfg = run.cfg
+            tracking.check(cfg)
         store = run.store if run else RunStore(run_dir)
         if run is None:
             phases.refuse_existing(store)
@@ -202,14 +210,25 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             with ray_train.cluster(cfg.address):
                 ray_train.check_placement(cfg)  # before a new run directory exists
                 run = run or phases.start_run(cfg, progress, checked=True)
-                ray_train.run_phases(run, names)
+                _tracked(run, args.command, lambda: ray_train.run_phases(run, names))
         else:
             run = run or phases.start_run(cfg, progress, checked=True)
-            for name in names:
-                phases.PHASE_FUNCTIONS[name](run)
+            _tracked(run, args.command, lambda: [phases.PHASE_FUNCTIONS[name](run) for name in names])
         phases.save_config(run)
     _print_summary(run.store.url, run.log.summary)
     return run.log.summary
+
+
+def _tracked(run: phases.Run, command: str, work: Callable[[], object]) -> None:
+    """``work`` with the command's trackers open (``dldr.tracking``): one MLflow run from start to end."""
+    run.tracking = run.log.tracking = tracking.start(run.cfg, run.store, f"dldr {command}")
+    try:
+        work()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error that stopped the work says more
+            tracking.finish(run.tracking, run.store, failed=True)
+        raise
+    tracking.finish(run.tracking, run.store, failed=False)
 
 
 def _sweep(store: RunStore) -> None:

@@ -17,6 +17,8 @@ SNAPSHOTS = 50
 # phase 3's mini-batch is this many of phase 1's unless --subspace-batch-size says otherwise
 SUBSPACE_BATCHES = 4
 
+# --tracker: where each epoch goes besides metrics.jsonl (dldr.tracking)
+TRACKERS = ("mlflow", "tensorboard")
 CHOICES = {
     "start": ("first", "last", "mean"),
     "optimizer": ("pbfgs", "psgd"),
@@ -93,6 +95,8 @@ class Config:
     # after a failed trial: the parabola's minimiser within [0.1, beta] alpha, or the paper's beta alpha
     armijo_backtrack: str = "interpolate"
     max_trials: int = 20
+    # experiment trackers, comma separated (a YAML list too): mlflow, tensorboard
+    tracker: str = ""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -132,6 +136,9 @@ class Config:
         if self.snapshot_every is not None and self.snapshot_every < 0:
             raise DldrError(f"--snapshot-every must be 0 (each epoch) or a number of steps, got {self.snapshot_every}")
         self._check_schedule()
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        if unknown:
+            raise DldrError(f"--tracker must be one of {', '.join(TRACKERS)}, got {unknown[0]!r}")
         if not self.run_dir:
             self.run_dir = time.strftime("runs/%Y%m%d-%H%M%S")
 
@@ -153,6 +160,10 @@ class Config:
                 raise DldrError(f"the first --lr-milestones decay, at {milestones[0]:g} of {flag} {epochs}, falls "
                                 f"inside its {warmup:g} epochs of warm-up; give a later milestone or a shorter "
                                 "--warmup-epochs")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(name.strip() for name in self.tracker.split(",") if name.strip()))
 
     @property
     def schedule(self) -> Schedule:
@@ -269,8 +280,8 @@ def _typed(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
         if value is None and known[key].default is None:
             typed[key] = None
             continue
-        if kind is str and key == "lr_milestones" and isinstance(value, list) \
-                and all(_is(float, v) for v in value):  # a YAML list of milestones
+        if kind is str and key in _LISTS and isinstance(value, list) \
+                and all(_is(_LISTS[key], v) for v in value):  # a YAML list of milestones or trackers
             value = ",".join(map(str, value))
         if not _is(kind, value):
             shown = "null" if value is None else repr(value)
@@ -279,6 +290,7 @@ def _typed(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     return typed
 
 
+_LISTS = {"lr_milestones": float, "tracker": str}  # string keys that a YAML list may give, and its items' type
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 

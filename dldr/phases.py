@@ -35,6 +35,7 @@ from dldr.params import FlatParams, shard_slices, trainable
 from dldr.runlog import PHASES, RunLog
 from dldr.store import CONFIG, BackgroundWriter, RunStore, snapshot_path
 from dldr.subspace import Subspace
+from dldr.tracking import Tracking
 
 MODEL = "model.safetensors"
 SUBSPACE_STATE = "subspace/state.pt"
@@ -78,10 +79,11 @@ class Run:
     device: torch.device | None = None
     session: Session = field(default_factory=Session)
     shard_map: Callable[[RunStore, Callable[[], object]], ShardMap] = sequential
+    tracking: Tracking = field(default_factory=Tracking)
 
     def __post_init__(self) -> None:
         self.device = self.device or _device(self.cfg)
-        self.log = RunLog(self.store)
+        self.log = RunLog(self.store, self.tracking)
 
     @property
     def main(self) -> bool:

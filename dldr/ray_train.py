@@ -39,6 +39,7 @@ from dldr.config import Config
 from dldr.errors import DldrError
 from dldr.runlog import RunLog
 from dldr.store import CONFIG, RunStore
+from dldr.tracking import Tracking
 
 CHECKPOINTS = "checkpoints"
 CONNECT_TIMEOUT_S = 5.0
@@ -289,7 +290,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     comm = TorchComm(device)
     run = phases.Run(Config.from_dict(config["config"]), RunStore(config["location"], owner=comm.rank == 0),
                      comm=comm, progress=config["progress"], device=device,
-                     session=RaySession(comm.rank, config["failure"]))
+                     session=RaySession(comm.rank, config["failure"]), tracking=Tracking(**config["tracking"]))
     phases.PHASE_FUNCTIONS[config["phase"]](run)
 
 
@@ -333,7 +334,7 @@ def _train_phase(run: phases.Run, phase: str, failure: FailureInjection | None) 
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         logging_config=ray.train.LoggingConfig(log_level="WARNING"))
     loop_config = {"config": asdict(cfg), "location": run.store.location, "phase": phase,
-                   "progress": run.progress, "failure": failure}
+                   "progress": run.progress, "failure": failure, "tracking": asdict(run.tracking)}
     trainer = TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
     try:
         trainer.fit()
@@ -341,7 +342,7 @@ def _train_phase(run: phases.Run, phase: str, failure: FailureInjection | None) 
         raise _worker_error(e, phase, run.store.url) from None
     finally:
         run.store.reload()
-        run.log = RunLog(run.store)
+        run.log = RunLog(run.store, run.tracking)
 
 
 # ---- phase 2: Ray tasks -------------------------------------------------------------------------

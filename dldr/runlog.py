@@ -11,6 +11,7 @@ from typing import Any
 
 from dldr.errors import DldrError
 from dldr.store import RunStore
+from dldr.tracking import Trackers, Tracking, step
 
 PHASES = ("sample", "basis", "train")
 METRICS = "metrics.jsonl"
@@ -19,10 +20,13 @@ SUMMARY = "summary.json"
 
 class RunLog:
     """The log of a run. A damaged metrics.jsonl or summary.json is read as an empty log and
-    reported by ``check``, which the phases after phase 1 call: phase 1 writes both anew."""
+    reported by ``check``, which the phases after phase 1 call: phase 1 writes both anew.
+    The owner also sends each record to the command's trackers (``dldr.tracking``)."""
 
-    def __init__(self, store: RunStore):
+    def __init__(self, store: RunStore, tracking: Tracking | None = None):
         self.store = store
+        self.tracking = tracking or Tracking()
+        self._trackers: Trackers | None = None
         self.records: list[dict[str, Any]] = []
         self.summary: dict[str, Any] = {"test_accuracy": None, "phases": {}}
         self.damage: str | None = None
@@ -66,11 +70,18 @@ class RunLog:
         self.records.append({"phase": phase, **values})
         if self.store.owner:
             self._write_metrics()
+            if self.tracking.trackers:
+                self._trackers = self._trackers or Trackers(self.tracking, self.store)
+                sample_epochs = self.summary["phases"].get("sample", {}).get("epochs", 0)
+                self._trackers.log(phase, values, step(phase, values, sample_epochs))
 
     def finish(self, phase: str, result: dict[str, Any]) -> None:
         self.summary["phases"][phase] = result
         if self.store.owner:
             self._write_summary()
+        if self._trackers is not None:
+            self._trackers.close()
+            self._trackers = None
 
 
 def _records(data: bytes) -> list[dict[str, Any]]:

@@ -52,7 +52,7 @@ _WRITER = {"snapshots": "dldr sample", "basis": "dldr basis", "data": "dldr samp
            "metrics.jsonl": "dldr sample", "summary.json": "dldr sample"}
 # What dldr writes into a run directory: a file there that the manifest does not list (a crash
 # came between its rename and its record) is a leftover, and so is any temporary file.
-OWN_FOLDERS = ("snapshots/", "basis/", "subspace/", "plots/", "data/")
+OWN_FOLDERS = ("snapshots/", "basis/", "subspace/", "plots/", "data/", "tensorboard/")
 OWN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors")
 TMP_MARK = ".tmp-"
 LOCK = ".dldr.lock"
