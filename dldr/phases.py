@@ -69,6 +69,10 @@ class Session:
     def after_step(self, step: int) -> None:
         """Called by every rank after every optimizer step of phases 1 and 3."""
 
+    def node(self) -> str | None:
+        """The cluster node this rank runs on, which every epoch's record lists per rank; None in-process."""
+        return None
+
 
 @dataclass
 class Run:
@@ -342,6 +346,8 @@ def _epoch_metrics(run: Run, model: nn.Module, data: datasets.DataSource, losses
     metrics = {**values, "train_loss": float(mean[0]) / run.comm.world_size}
     for split in ("val", "test") if run.cfg.holdout else ("test",):
         metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = evaluate(run, model, data, split)
+    if run.session.node() is not None:  # where each rank ran: a worker group restarted after a node loss moves
+        metrics["nodes"] = run.comm.all_gather_object(run.session.node())
     return metrics
 
 

@@ -275,6 +275,9 @@ class RaySession(phases.Session):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                              checkpoint_dir_name=f"epoch-{metrics['epoch']:05d}")
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def after_step(self, step: int) -> None:
         if self.failure and step == self.failure.step and not os.path.exists(self.failure.marker):
             Path(self.failure.marker).touch()
