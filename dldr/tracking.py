@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,8 +150,6 @@ class Trackers:
     def log(self, phase: str, record: dict[str, Any], at: int) -> None:
         values = scalars(phase, record)
         if self._client is not None:
-            import time
-
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)

@@ -28,6 +28,7 @@ def _bench(name: str, out) -> dict:
     return report["results"]
 
 
+@pytest.mark.slow
 def test_wallclock_and_label_noise_agree_and_count_epochs(tmp_path):
     wall = _bench("wallclock", tmp_path)["digits, MLP"]
     setting = methods.PRESETS["smoke"][0]
@@ -57,6 +58,7 @@ def test_wallclock_and_label_noise_agree_and_count_epochs(tmp_path):
                                                           noise["0.4"]["sgd_early"]["test_accuracies"])]
 
 
+@pytest.mark.slow
 def test_sampling_compares_the_three_schedules_at_one_budget(tmp_path):
     result = _bench("sampling", tmp_path)["digits, MLP"]
     r = result["schedules"]
@@ -74,6 +76,7 @@ def test_step_breakdown(tmp_path):
     assert parts == pytest.approx(r["pbfgs"]["seconds_per_step"])
 
 
+@pytest.mark.slow
 def test_basis_streamed_matches_naive(tmp_path):
     results = _bench("basis", tmp_path)
     assert set(results) == {"1", "2"}
@@ -86,6 +89,7 @@ def test_basis_streamed_matches_naive(tmp_path):
         assert r["eigval_max_rel_diff"] < 1e-4
 
 
+@pytest.mark.slow
 def test_distributed_one_and_two_workers_agree(tmp_path, ray_cluster):
     r = _bench("distributed", tmp_path)
     assert r["agreement"]["largest_principal_angle"] < 1e-3
@@ -93,6 +97,7 @@ def test_distributed_one_and_two_workers_agree(tmp_path, ray_cluster):
     assert set(r["1"]["wall_seconds"]) == {"sample", "basis", "train"}
 
 
+@pytest.mark.slow
 def test_large_measures_every_phase_and_process_and_bf16_halves_p(tmp_path, ray_cluster):
     r = _bench("large", tmp_path)
     assert list(r["runs"]) == ["1/fp32", "1/bf16", "2/fp32", "2/bf16"]
@@ -118,6 +123,7 @@ def test_large_measures_every_phase_and_process_and_bf16_halves_p(tmp_path, ray_
     assert real["fp32"]["basis_bytes"] == 2 * real["bf16"]["basis_bytes"]
 
 
+@pytest.mark.slow
 def test_device_check_runs_at_cpu_size(tmp_path):
     """benchmarks/gpu_check.sh as a GPU machine runs it, at the CPU sizes of its smoke preset."""
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(tmp_path), "smoke"],

@@ -163,6 +163,7 @@ def test_label_noise_runs_all_phases_and_records_the_labels(tmp_path):
     assert "train" in store.read_json("summary.json")["phases"]
 
 
+@pytest.mark.slow
 def test_default_fit_reaches_097_on_digits(tmp_path):
     """The README's quick start: `dldr fit` with no arguments (only the run directory is moved)."""
     out = subprocess.run([sys.executable, "-m", "dldr.cli", "fit", "--quiet"], cwd=tmp_path,

@@ -19,6 +19,7 @@ from tests.helpers import stderr_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "jobs" / "digits.yaml")
+pytestmark = pytest.mark.slow
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
 from tests.helpers import largest_principal_angle, stderr_lines, write_cifar, write_idx_folder, write_imagefolder
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_cluster")]
 NUM_PARAMS = 85_002
 
 

@@ -1,6 +1,7 @@
-"""Run directories on S3: every phase, resume, checksums, the lock and the Ray workers against an
-S3-compatible server (moto's) in a process of its own on 127.0.0.1, reached over HTTP with
-AWS_ENDPOINT_URL as a user's would be; and the server stopped mid-run.
+"""Run directories on S3: every phase, resume, checksums and the lock against an S3-compatible server
+(moto's) in a process of its own on 127.0.0.1, reached over HTTP with AWS_ENDPOINT_URL as a user's
+would be; and the server stopped mid-run. Two Ray workers on S3: tests/test_tracking.py (with the
+trackers); a Ray job on S3: tests/test_jobs.py.
 """
 import os
 import subprocess
@@ -14,7 +15,6 @@ from dldr import phases
 from dldr.cli import main
 from dldr.store import LOCK, MANIFEST, RunStore
 from tests.helpers import SMALL, StopAt, s3_server, stderr_lines
-
 
 
 def _fs() -> s3fs.S3FileSystem:
@@ -93,6 +93,7 @@ def test_a_run_on_s3_in_use_is_refused_and_its_lock_is_an_object(runs, s3, capsy
     assert not _fs().exists(store.abspath(LOCK))
 
 
+@pytest.mark.slow
 def test_the_s3_server_stopped_mid_run_is_one_line(tmp_path):
     """A server of this test's own, killed while `dldr fit` writes phase 1's snapshots to it."""
     with s3_server() as (endpoint, server):
@@ -118,20 +119,3 @@ def test_the_s3_server_stopped_mid_run_is_one_line(tmp_path):
     assert lines[0].endswith("check its endpoint (AWS_ENDPOINT_URL), the credentials and the network, then run the "
                              "command again (the files completed so far are kept)")
     print(f"the error came {time.monotonic() - stopped:.1f} s after the server stopped")
-
-
-@pytest.mark.usefixtures("ray_cluster")
-def test_two_ray_workers_run_every_phase_on_s3(s3):
-    run_dir = f"{s3}/two-workers"
-    assert main(["fit", "--run-dir", run_dir, "--workers", "2", "--quiet"]) == 0
-    store = RunStore(run_dir)
-    summary = store.read_json("summary.json")
-    assert summary["phases"]["train"]["workers"] == 2 and summary["test_accuracy"] >= 0.96
-    shards = store.snapshot_shards()
-    assert [len(s) for s in shards] == [56, 56]
-    for rel in [*shards[0][-3:], *shards[1][-3:], *store.files("basis/")]:  # written by each rank, checksummed
-        store.read_bytes(rel)
-    # Ray Train's checkpoints went to the same bucket, through its own storage layer
-    checkpoints = _fs().find(store.abspath("checkpoints"))
-    assert any(path.endswith("/state.pt") for path in checkpoints)
-    assert any(path.endswith("/rank-00001.pt") for path in checkpoints)

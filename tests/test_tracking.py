@@ -1,6 +1,6 @@
 """--tracker mlflow and --tracker tensorboard, read back with each library's own reader and compared
 with metrics.jsonl: in-process to MLflow's default local store, and on two Ray workers (rank 0 logs)
-to an `mlflow server` on 127.0.0.1 with the run directory on S3.
+to an `mlflow server` on 127.0.0.1 with the run directory on S3 (the S3 test of two Ray workers).
 """
 import json
 import os
@@ -12,6 +12,7 @@ from dataclasses import asdict
 
 import pytest
 import s3fs
+import yaml
 from mlflow.tracking import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -58,8 +59,6 @@ def _check_mlflow(client: MlflowClient, store: RunStore) -> None:
 
 
 def _config(store: RunStore) -> Config:
-    import yaml
-
     return Config.from_dict(yaml.safe_load(store.read_bytes("config.yaml")))
 
 
@@ -110,14 +109,26 @@ def mlflow_server(tmp_path):
         server.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_cluster")
-def test_two_ray_workers_to_an_mlflow_server_with_the_run_on_s3(mlflow_server, s3, tmp_path, monkeypatch):
-    """Ray's workers were started before this test: the tracking URI reaches them through dldr, not their
-    environment."""
+def test_two_ray_workers_on_s3_log_to_an_mlflow_server(mlflow_server, s3, tmp_path, monkeypatch):
+    """Every phase on two Ray workers with the run directory on S3 (Ray Train's checkpoints too), rank 0
+    logging to an `mlflow server`. Ray's workers were started before this test: the tracking URI reaches
+    them through dldr, not their environment."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     run_dir = f"{s3}/tracked"
     assert main([*FIT, "--run-dir", run_dir, "--workers", "2"]) == 0
     store = RunStore(run_dir)
+    summary = store.read_json("summary.json")
+    assert summary["phases"]["train"]["workers"] == 2 and summary["test_accuracy"] >= 0.9
+    shards = store.snapshot_shards()
+    assert len(shards) == 2 and len(shards[0]) == len(shards[1]) == 45
+    for rel in [*shards[0][-3:], *shards[1][-3:], *store.files("basis/")]:  # written by each rank, checksummed
+        store.read_bytes(rel)
+    # Ray Train's checkpoints went to the same bucket, through its own storage layer
+    checkpoints = s3fs.S3FileSystem(skip_instance_cache=True).find(store.abspath("checkpoints"))
+    assert any(p.endswith("/state.pt") for p in checkpoints) and any(p.endswith("/rank-00001.pt") for p in checkpoints)
+
     _check_mlflow(MlflowClient(mlflow_server), store)
     events = tmp_path / "events"
     s3fs.S3FileSystem(skip_instance_cache=True).get(store.abspath(TENSORBOARD), str(events), recursive=True)
