@@ -22,6 +22,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import socket
 import stat
 import threading
@@ -688,15 +689,33 @@ def _object_lock(store: RunStore, holder: dict[str, Any]) -> Iterator[None]:
             store.fs.rm(path)
 
 
+# The header numpy writes for a plain array: its dict's repr, padded with spaces to a line ending
+_NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (True|False), "
+                         r"'shape': \(((?:\d+, )*\d+,?|)\), \} *\n")
+
+
+def _parse_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The shape, order and dtype a .npy header names, read without ``ast`` (numpy's reader
+    literal_evals it, which CPython 3.11 can fail when another thread parses code at the same time)."""
+    magic = f.read(8)
+    if len(magic) != 8 or magic[:6] != b"\x93NUMPY" or magic[6] not in (1, 2, 3):
+        raise ValueError("no .npy magic number")
+    width = 2 if magic[6] == 1 else 4
+    length = int.from_bytes(f.read(width), "little")
+    text = f.read(length)
+    match = _NPY_HEADER.fullmatch(text.decode("latin1" if magic[6] < 3 else "utf8")) if len(text) == length else None
+    if match is None:
+        raise ValueError("its header is not that of a plain array")
+    shape = tuple(int(n) for n in match[3].replace(",", " ").split())
+    return shape, match[2] == "True", np.dtype(match[1])
+
+
 def _array_header(f: BinaryIO, size: int, path: str, advice: str) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and dtype of the .npy file ``f`` of ``size`` bytes, read up to its data; a header
     that is not a plain numeric array, or that claims more (or fewer) bytes than the file holds, is refused."""
     try:
-        version = np.lib.format.read_magic(f)
-        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                       else np.lib.format.read_array_header_2_0)
-        shape, fortran, dtype = read_header(f)
-    except (ValueError, EOFError) as e:
+        shape, fortran, dtype = _parse_header(f)
+    except (ValueError, TypeError, EOFError) as e:
         raise DldrError(f"{path} is not a readable .npy array ({e}); {advice}") from None
     if fortran or dtype.hasobject or dtype.itemsize == 0:
         raise DldrError(f"{path} is not a plain C-ordered numeric array; {advice}")

@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import xxhash
 
+from dldr import store as store_module
 from dldr.errors import DldrError
 from dldr.store import ALIGN, RunStore, direct_io, paged_rows
 
@@ -152,3 +154,27 @@ def test_every_write_is_fsynced_with_its_folder(store, monkeypatch):
     tmp = next(path for path in synced if ".tmp-" in path and "basis" in path)
     manifest_tmp = next(path for path in synced if "manifest.json.tmp-" in path)
     assert synced == [os.path.dirname(root), root, tmp, f"{root}/basis", manifest_tmp, root]
+
+
+@pytest.mark.parametrize("array", [np.zeros(5, np.float32), np.zeros((3, 4)), np.zeros((), np.int64),
+                                   np.zeros((2, 0), np.uint16), np.zeros((7, 1), ">i4"), np.zeros((1, 2, 3), bool),
+                                   np.zeros((4, 4), np.float32, order="F"), np.zeros(2, np.complex64)])
+def test_npy_headers_are_read_as_numpy_reads_them(array):
+    """Without ast: numpy's reader literal_evals the header, which CPython 3.11 can fail under threads."""
+    data = io.BytesIO()
+    np.lib.format.write_array(data, array, allow_pickle=False)
+    theirs = io.BytesIO(data.getvalue())
+    np.lib.format.read_magic(theirs)
+    ours = io.BytesIO(data.getvalue())
+    assert store_module._parse_header(ours) == np.lib.format.read_array_header_1_0(theirs)
+    assert ours.tell() == theirs.tell()  # at the first data byte
+
+
+@pytest.mark.parametrize("header", [b"{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (3,), }",
+                                    b"{'descr': '<f4', 'fortran_order': False, 'shape': (3,), 'x': __import__('os')}",
+                                    b"{'descr': '<f4', 'fortran_order': False, 'shape': (-3,), }"])
+def test_npy_headers_other_than_a_plain_arrays_are_refused(header):
+    padded = header + b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    data = io.BytesIO(b"\x93NUMPY\x01\x00" + len(padded).to_bytes(2, "little") + padded)
+    with pytest.raises(ValueError, match="not that of a plain array"):
+        store_module._parse_header(data)
