@@ -8,6 +8,7 @@ reported apart: it holds ffcv's compilation and the start of torchvision's worke
     python benchmarks/loader_throughput.py                      # writes benchmarks/results/
     python benchmarks/loader_throughput.py --images 500 --epochs 2   # a quick look
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,29 +75,46 @@ def main() -> None:
             files = [root / f"{mode}-{split}.beton" for split in ("train", "val")]
             start = time.perf_counter()
             for path, split in zip(files, ("train", "val")):
-                beton.convert(datasets.load(spec), split, str(path), max_resolution=256, jpeg=mode == "jpeg",
-                              workers=args.workers)
-            sizes[f"ffcv {mode}"] = {"train_beton_bytes": files[0].stat().st_size,
-                                     "convert_seconds": time.perf_counter() - start}
-            loaders[f"ffcv {mode}"] = datasets.load(f"ffcv:{files[0]},{files[1]}", image_size=args.size,
-                                                    loader_workers=args.workers)
+                beton.convert(
+                    datasets.load(spec), split, str(path), max_resolution=256, jpeg=mode == "jpeg", workers=args.workers
+                )
+            sizes[f"ffcv {mode}"] = {
+                "train_beton_bytes": files[0].stat().st_size,
+                "convert_seconds": time.perf_counter() - start,
+            }
+            loaders[f"ffcv {mode}"] = datasets.load(
+                f"ffcv:{files[0]},{files[1]}", image_size=args.size, loader_workers=args.workers
+            )
         folder_bytes = sum(p.stat().st_size for p in (root / "folder" / "train").rglob("*.jpg"))
         results = {}
         for name, source in loaders.items():
             rates = throughput(source, args.epochs, args.batch_size)
-            results[name] = {"first_epoch_images_per_s": rates[0],
-                             "later_epochs_images_per_s": rates[1:],
-                             "median_later_images_per_s": statistics.median(rates[1:]), **sizes.get(name, {})}
-            print(f"{name:12s} first epoch {rates[0]:8.1f} img/s, later epochs median "
-                  f"{results[name]['median_later_images_per_s']:8.1f} img/s")
+            results[name] = {
+                "first_epoch_images_per_s": rates[0],
+                "later_epochs_images_per_s": rates[1:],
+                "median_later_images_per_s": statistics.median(rates[1:]),
+                **sizes.get(name, {}),
+            }
+            print(
+                f"{name:12s} first epoch {rates[0]:8.1f} img/s, later epochs median "
+                f"{results[name]['median_later_images_per_s']:8.1f} img/s"
+            )
 
-    report = {"benchmark": "loader_throughput", "date": time.strftime("%Y-%m-%d"),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                          "torch": torch.__version__},
-              "command": " ".join(["python", "benchmarks/loader_throughput.py", *sys.argv[1:]]),
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "train_jpeg_bytes": folder_bytes,
-              "results": results}
+    report = {
+        "benchmark": "loader_throughput",
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__,
+        },
+        "command": " ".join(["python", "benchmarks/loader_throughput.py", *sys.argv[1:]]),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
+        "train_jpeg_bytes": folder_bytes,
+        "results": results,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loader_throughput.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -24,8 +24,10 @@ computed on as many threads as the process has CPUs (``compute_pool``), and as m
 what was read. Peak memory per shard: four blocks of t x rows, reused from block to block, plus t x t.
 
 The per-shard passes are plain functions ``fn(store, *args)``; ``build_basis`` hands them to a
-``ShardMap``, which runs them one after another here or as Ray tasks next to the shards.
+``ShardMap`` (``shard_map``), which runs them one after another in this process, or spreads them
+over the ranks of a process group, each reading its own shards.
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from dldr.comm import Comm, LocalComm
 from dldr.errors import DldrError
 from dldr.memory import Peak
 from dldr.store import RowReader, RunStore, paged_buffer, paged_rows, shard_name
@@ -80,14 +83,20 @@ T = TypeVar("T")
 ShardMap = Callable[[Callable[..., Any], list[tuple]], list[Any]]
 
 
-def sequential(store: RunStore, on_pass: Callable[[], object] = lambda: None) -> ShardMap:
-    """Run the per-shard passes one after another in this process."""
+def shard_map(store: RunStore, comm: Comm | None = None, on_pass: Callable[[], object] = lambda: None) -> ShardMap:
+    """Run the per-shard passes over the ranks of ``comm`` (default: this process alone): rank r runs
+    those of shards r, r + N, ..., and every rank gets every result, in shard order, so the sums
+    do not depend on the number of ranks."""
+    comm = comm or LocalComm()
+
     def map_shards(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
-        results = []
-        for a in args:
-            results.append(fn(store, *a))
+        mine = {}
+        for index in range(comm.rank, len(args), comm.world_size):
+            mine[index] = fn(store, *args[index])
             on_pass()
-        return results
+        results = {index: value for part in comm.all_gather_object(mine) for index, value in part.items()}
+        return [results[index] for index in range(len(args))]
+
     return map_shards
 
 
@@ -112,8 +121,9 @@ def block_rows(num_snapshots: int, block_bytes: int = BLOCK_BYTES) -> int:
     return max(1, block_bytes // (4 * num_snapshots))
 
 
-def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | None = None,
-                    held: dict[str, int] | None = None) -> Iterator[np.ndarray]:
+def snapshot_blocks(
+    store: RunStore, rels: list[str], rows: int, span: slice | None = None, held: dict[str, int] | None = None
+) -> Iterator[np.ndarray]:
     """Yield read-only t x rows float32 blocks of ``span`` of one shard's rows: row i of a block is snapshot i.
 
     A background thread reads the next block straight into place, past the page cache where it can
@@ -132,8 +142,10 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
         length = readers[0].shape
         for reader in readers:
             if reader.shape != length or len(length) != 1:
-                raise DldrError(f"{store.abspath(reader.rel)} has shape {reader.shape}, expected {length} "
-                                "like the other snapshots of its shard; re-run `dldr sample`")
+                raise DldrError(
+                    f"{store.abspath(reader.rel)} has shape {reader.shape}, expected {length} "
+                    "like the other snapshots of its shard; re-run `dldr sample`"
+                )
         span = span or slice(0, length[0])
         rows = max(1, min(rows, span.stop - span.start))  # no block larger than the span
 
@@ -141,8 +153,10 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
             # one single-thread executor per group of files keeps each file's checksum in order
             with contextlib.ExitStack() as stack:
                 io = stack.enter_context(ThreadPoolExecutor(IO_THREADS, thread_name_prefix="dldr-read"))
-                hashers = [stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dldr-checksum"))
-                           for _ in range(min(compute_threads(), len(readers)))]
+                hashers = [
+                    stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="dldr-checksum"))
+                    for _ in range(min(compute_threads(), len(readers)))
+                ]
                 hashing: list[Future] = []
                 for reader in readers:
                     reader.skip(span.start)
@@ -158,8 +172,10 @@ def snapshot_blocks(store: RunStore, rels: list[str], rows: int, span: slice | N
                     block = data.view(np.float32)
                     updates = list(io.map(RowReader.read_into, readers, block, pages))
                     block.flags.writeable = False  # the checksums read it after it is handed on
-                    hashed = [hasher.submit(lambda group: [update() for update in group], updates[k::len(hashers)])
-                              for k, hasher in enumerate(hashers)]
+                    hashed = [
+                        hasher.submit(lambda group: [update() for update in group], updates[k :: len(hashers)])
+                        for k, hasher in enumerate(hashers)
+                    ]
                     hashing += hashed
                     yield block, raw, hashed
                 for future in hashing:  # every block's checksum updates come before the files' ends
@@ -220,30 +236,34 @@ def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
 def random_rows(rows: slice, dim: int, seed: int) -> np.ndarray:
     """Rows ``rows`` of the unnormalised random basis: global block k of rows is drawn from the stream (seed, k)."""
     first, last = rows.start // RANDOM_BLOCK_ROWS, (rows.stop - 1) // RANDOM_BLOCK_ROWS
-    draws = np.concatenate([np.random.default_rng([seed, k]).standard_normal((RANDOM_BLOCK_ROWS, dim))
-                            for k in range(first, last + 1)])
+    draws = np.concatenate(
+        [np.random.default_rng([seed, k]).standard_normal((RANDOM_BLOCK_ROWS, dim)) for k in range(first, last + 1)]
+    )
     offset = first * RANDOM_BLOCK_ROWS
-    return draws[rows.start - offset:rows.stop - offset]
+    return draws[rows.start - offset : rows.stop - offset]
 
 
 @dataclass
 class ShardSums:
     """What one read of a shard contributes: the Gram of its shifted snapshots S_r (t x t) and,
     for a random basis R, R_r^T R_r (d x d) and R_r^T S_r (d x t)."""
+
     gram: np.ndarray
     rtr: np.ndarray | None = None
     rts: np.ndarray | None = None
-    memory: dict[str, Any] | None = None  # ``Peak.figures`` of the pass, wherever it ran
+    memory: dict[str, Any] | None = None  # ``Peak.figures`` of the pass, wherever it ran, and the bytes it read
 
 
-def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: str, seed: int,
-               block_bytes: int = BLOCK_BYTES) -> ShardSums:
+def shard_pass(
+    store: RunStore, rels: list[str], offset: int, dim: int, kind: str, seed: int, block_bytes: int = BLOCK_BYTES
+) -> ShardSums:
     """Read one shard's snapshots (whose first row is parameter ``offset``) once, summing in float64.
 
     Each block's columns are cut into one run per thread; the chunks' sums are added in column
     order, so the result does not depend on the number of threads.
     """
     peak, held = Peak(), {"snapshot_bytes": 0}
+    read_before = sum(store.bytes_read.values())
     t = len(rels)
     sums = ShardSums(np.zeros((t, t)))
     if kind == "random":
@@ -259,7 +279,7 @@ def shard_pass(store: RunStore, rels: list[str], offset: int, dim: int, kind: st
                         sums.rtr += chunk.rtr
                         sums.rts += chunk.rts
             row += block.shape[1]
-    sums.memory = peak.figures(**held)
+    sums.memory = peak.figures(**held, bytes_read=sum(store.bytes_read.values()) - read_before)
     return sums
 
 
@@ -268,8 +288,9 @@ def chunk_sums(block: np.ndarray, r: np.ndarray | None, cols: slice) -> list[Sha
     t = block.shape[0]
     tiled = -(-t // GRAM_TILE) * GRAM_TILE
     shifted = np.zeros((tiled, GRAM_CHUNK_ROWS))  # rows past t stay zero, so every tile is whole
-    chunks = [slice(start, min(start + GRAM_CHUNK_ROWS, cols.stop))
-              for start in range(cols.start, cols.stop, GRAM_CHUNK_ROWS)]
+    chunks = [
+        slice(start, min(start + GRAM_CHUNK_ROWS, cols.stop)) for start in range(cols.start, cols.stop, GRAM_CHUNK_ROWS)
+    ]
     grams = np.empty((len(chunks), tiled, tiled))
     if r is None:
         shifted_grams(block, cols.start, cols.stop, shifted, grams)
@@ -277,7 +298,7 @@ def chunk_sums(block: np.ndarray, r: np.ndarray | None, cols: slice) -> list[Sha
     sums = []
     for chunk, g in zip(chunks, grams, strict=True):
         shifted_grams(block, chunk.start, chunk.stop, shifted, g[None])
-        x = shifted[:t, :chunk.stop - chunk.start]
+        x = shifted[:t, : chunk.stop - chunk.start]
         sums.append(ShardSums(g[:t, :t], r[chunk].T @ r[chunk], r[chunk].T @ x.T))
     return sums
 
@@ -378,8 +399,10 @@ def check_dim(dim: int, num_snapshots: int) -> None:
     if dim < 1:
         raise DldrError(f"--dim must be at least 1, got {dim}")
     if dim >= num_snapshots:
-        raise DldrError(f"--dim {dim} needs at least {dim + 1} snapshots, phase 1 takes {num_snapshots}; sample more "
-                        "(more --sample-epochs or a smaller --snapshot-every) or lower --dim")
+        raise DldrError(
+            f"--dim {dim} needs at least {dim + 1} snapshots, phase 1 takes {num_snapshots}; sample more "
+            "(more --sample-epochs or a smaller --snapshot-every) or lower --dim"
+        )
 
 
 def decompose(gram: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -390,23 +413,33 @@ def decompose(gram: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
     eigvals, eigvecs = np.clip(eigvals[::-1], 0.0, None), eigvecs[:, ::-1]
     rank = int(np.sum(eigvals > RANK_RTOL * eigvals[0])) if eigvals[0] > 0 else 0
     if rank < dim:
-        raise DldrError(f"the {t} snapshots span only {rank} directions, fewer than --dim {dim}; "
-                        "sample a trajectory that moves more (a larger --lr, more snapshots) "
-                        f"or use --dim {max(rank, 1)}")
+        raise DldrError(
+            f"the {t} snapshots span only {rank} directions, fewer than --dim {dim}; "
+            "sample a trajectory that moves more (a larger --lr, more snapshots) "
+            f"or use --dim {max(rank, 1)}"
+        )
     return eigvals, eigvecs[:, :dim]
 
 
-def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int = 0,
-                block_bytes: int = BLOCK_BYTES, map_shards: ShardMap | None = None,
-                before_write: Callable[[], None] = lambda: None) -> BasisReport:
+def build_basis(
+    store: RunStore,
+    dim: int,
+    kind: str = "trajectory",
+    seed: int = 0,
+    block_bytes: int = BLOCK_BYTES,
+    map_shards: ShardMap | None = None,
+    before_write: Callable[[], None] = lambda: None,
+    write: bool = True,
+) -> BasisReport:
     """Phase 2: one read of every shard, the summed Gram, ``eigh``, and the t x d coefficients of P.
 
-    This process only holds t x t and d x t matrices; ``map_shards`` (default: ``sequential``)
-    runs the streamed pass over each shard. Nothing is written until the basis is known
-    (``before_write`` is called then), so a phase 2 that fails leaves the old basis as it was.
+    This process only holds t x t and d x t matrices; ``map_shards`` (default: ``shard_map``, in
+    this process) runs the streamed pass over each shard. Nothing is written until the basis is
+    known (``before_write`` is called then), so a phase 2 that fails leaves the old basis as it
+    was; with ``write`` False (the ranks other than 0), nothing at all.
     """
     start = time.perf_counter()
-    map_shards = map_shards or sequential(store)
+    map_shards = map_shards or shard_map(store)
     if kind not in ("trajectory", "random"):
         raise DldrError(f"unknown subspace {kind!r}; use trajectory or random")
     shards = store.snapshot_shards()
@@ -414,13 +447,16 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
     check_dim(dim, t)
     lengths = [store.manifest[rels[0]]["shape"][0] for rels in shards]
     offsets = np.cumsum([0, *lengths[:-1]]).tolist()
-    sums = map_shards(shard_pass, [(rels, offset, dim, kind, seed, block_bytes)
-                                   for rels, offset in zip(shards, offsets, strict=True)])
+    sums = map_shards(
+        shard_pass, [(rels, offset, dim, kind, seed, block_bytes) for rels, offset in zip(shards, offsets, strict=True)]
+    )
     centring = np.eye(t) - 1.0 / t
     gram = centring @ np.sum([s.gram for s in sums], axis=0) @ centring
     if not np.isfinite(gram).all():
-        raise DldrError(f"the snapshots of {store.url} hold NaN or infinite values (a diverged phase 1, or damaged "
-                        "files); re-run `dldr sample`, with a lower --lr or a longer --warmup-epochs if it diverged")
+        raise DldrError(
+            f"the snapshots of {store.url} hold NaN or infinite values (a diverged phase 1, or damaged "
+            "files); re-run `dldr sample`, with a lower --lr or a longer --warmup-epochs if it diverged"
+        )
     eigvals, eigvecs = decompose(gram, dim)
     if kind == "trajectory":  # span(P) is the top-d eigenspace: its share of the variance
         coeffs = eigvecs / np.sqrt(eigvals[:dim])
@@ -434,14 +470,24 @@ def build_basis(store: RunStore, dim: int, kind: str = "trajectory", seed: int =
         proj = scale[:, None] * np.sum([s.rts for s in sums], axis=0) @ centring
         explained = captured_variance(gram_p, proj, eigvals)
     report = BasisReport(
-        kind=kind, dim=dim, seed=seed, num_snapshots=t, num_params=sum(lengths), num_shards=len(shards),
+        kind=kind,
+        dim=dim,
+        seed=seed,
+        num_snapshots=t,
+        num_params=sum(lengths),
+        num_shards=len(shards),
         explained_variance_ratio=explained,
         orthonormality_error=float(np.abs(gram_p - np.eye(dim)).max()),
-        seconds=time.perf_counter() - start, memory=[s.memory for s in sums],
+        seconds=time.perf_counter() - start,
+        memory=[s.memory for s in sums],
     )
     if kind == "trajectory" and report.orthonormality_error > ORTHONORMALITY_TOL:
-        raise DldrError(f"the basis is not orthonormal (max |P^T P - I| = {report.orthonormality_error:.2e}): "
-                        "the trajectory is nearly degenerate; lower --dim or sample longer")
+        raise DldrError(
+            f"the basis is not orthonormal (max |P^T P - I| = {report.orthonormality_error:.2e}): "
+            "the trajectory is nearly degenerate; lower --dim or sample longer"
+        )
+    if not write:
+        return report
     before_write()
     store.remove("basis/")
     store.save_array("basis/gram.npy", gram)
@@ -462,8 +508,12 @@ def basis_report(store: RunStore) -> dict[str, Any]:
         raise DldrError(f"{store.url} has no basis; run `dldr basis --run-dir {store.url}` first")
     report = store.read_json(REPORT)
     fields = {"kind": str, "dim": int, "seed": int, "num_snapshots": int, "num_params": int}
-    if not isinstance(report, dict) or any(type(report.get(k)) is not kind for k, kind in fields.items()) \
-            or report["kind"] not in ("trajectory", "random") or min(report["dim"], report["num_params"]) < 1:
+    if (
+        not isinstance(report, dict)
+        or any(type(report.get(k)) is not kind for k, kind in fields.items())
+        or report["kind"] not in ("trajectory", "random")
+        or min(report["dim"], report["num_params"]) < 1
+    ):
         raise DldrError(f"{store.abspath(REPORT)} is not a basis report; re-run `dldr basis --run-dir {store.url}`")
     return report
 
@@ -472,8 +522,10 @@ def _stored(store: RunStore, rel: str, shape: tuple[int, ...]) -> np.ndarray:
     """An array of phase 2, refused unless it has the shape its report implies."""
     array = store.load_array(rel)
     if array.shape != shape:
-        raise DldrError(f"{store.abspath(rel)} has shape {array.shape}, but the basis report implies {shape}; "
-                        f"re-run `dldr basis --run-dir {store.url}`")
+        raise DldrError(
+            f"{store.abspath(rel)} has shape {array.shape}, but the basis report implies {shape}; "
+            f"re-run `dldr basis --run-dir {store.url}`"
+        )
     return array
 
 
@@ -481,8 +533,14 @@ def shard_path(rank: int, num_shards: int) -> str:
     return f"basis/{shard_name(rank, num_shards)}.npy"
 
 
-def basis_shard(store: RunStore, rows: slice, rank: int, num_shards: int, dtype: np.dtype = BASIS_DTYPES["fp32"],
-                held: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def basis_shard(
+    store: RunStore,
+    rows: slice,
+    rank: int,
+    num_shards: int,
+    dtype: np.dtype = BASIS_DTYPES["fp32"],
+    held: dict[str, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """``basis_rows`` for rank ``rank`` of ``num_shards``, which holds ``rows``; the first time (or in another
     dtype), its rows of P are also written to basis/shard-RRRRR-of-NNNNN.npy, where readers of the run find
     the basis."""
@@ -528,8 +586,13 @@ def centred_rows(block: np.ndarray, coeffs: np.ndarray | None, p: np.ndarray, me
                 np.matmul(centred, coeffs, out=p[chunk])
 
 
-def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES, dtype: np.dtype = BASIS_DTYPES["fp32"],
-               held: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def basis_rows(
+    store: RunStore,
+    rows: slice,
+    block_bytes: int = BLOCK_BYTES,
+    dtype: np.dtype = BASIS_DTYPES["fp32"],
+    held: dict[str, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows ``rows`` of the basis P (in ``dtype``: float32, or ``BF16``) and of the snapshot mean m (float32):
     what one phase 3 rank holds.
 
@@ -543,27 +606,54 @@ def basis_rows(store: RunStore, rows: slice, block_bytes: int = BLOCK_BYTES, dty
     shards = store.snapshot_shards()
     t = len(shards[0])
     if t != report["num_snapshots"]:
-        raise DldrError(f"{store.url} holds {t} snapshots but its basis was built from {report['num_snapshots']}; "
-                        f"re-run `dldr basis --run-dir {store.url}`")
+        raise DldrError(
+            f"{store.url} holds {t} snapshots but its basis was built from {report['num_snapshots']}; "
+            f"re-run `dldr basis --run-dir {store.url}`"
+        )
     coeffs = _stored(store, COEFFICIENTS, (t, dim)).astype(np.float32) if kind == "trajectory" else None
     scale = _stored(store, SCALE, (dim,)) if kind == "random" else None
     p = np.empty((rows.stop - rows.start, dim), dtype=dtype)
     mean = np.empty(rows.stop - rows.start, dtype=np.float32)
-    offset = 0
     with compute_pool() as (pool, threads):
-        for rels in shards:
-            length = store.manifest[rels[0]]["shape"][0]
-            lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
-            if lo < hi:
-                for block in snapshot_blocks(store, rels, block_rows(len(rels), block_bytes),
-                                             slice(lo - offset, hi - offset), held):
-                    n = block.shape[1]
-                    p_block, m_block = p[lo - rows.start:][:n], mean[lo - rows.start:][:n]
-                    if coeffs is None:
-                        drawn = random_rows(slice(lo, lo + n), dim, report["seed"]) * scale
-                        p_block[:] = to_bf16(drawn) if dtype == BF16 else drawn
-                    list(pool.map(functools.partial(centred_rows, block, coeffs, p_block, m_block),
-                                  column_runs(n, threads)))
-                    lo += n
-            offset += length
+        for row, block in row_blocks(store, shards, rows, block_bytes, held):
+            n = block.shape[1]
+            p_block, m_block = p[row - rows.start :][:n], mean[row - rows.start :][:n]
+            if coeffs is None:
+                drawn = random_rows(slice(row, row + n), dim, report["seed"]) * scale
+                p_block[:] = to_bf16(drawn) if dtype == BF16 else drawn
+            list(pool.map(functools.partial(centred_rows, block, coeffs, p_block, m_block), column_runs(n, threads)))
     return p, mean
+
+
+def row_blocks(
+    store: RunStore,
+    shards: list[list[str]],
+    rows: slice,
+    block_bytes: int = BLOCK_BYTES,
+    held: dict[str, int] | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block) over parameter rows ``rows`` of the files ``shards`` (each shard's files
+    hold consecutive rows, shard after shard), reading only the shards the rows lie in
+    (``snapshot_blocks``): how every reader of some rows of the snapshots gets them."""
+    offset = 0
+    for rels in shards:
+        length = store.manifest[rels[0]]["shape"][0]
+        lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
+        if lo < hi:
+            for block in snapshot_blocks(
+                store, rels, block_rows(len(rels), block_bytes), slice(lo - offset, hi - offset), held
+            ):
+                yield lo, block
+                lo += block.shape[1]
+        offset += length
+    if offset < rows.stop:
+        raise ValueError(f"rows {rows} lie outside the snapshots' {offset} rows")
+
+
+def snapshot_rows(store: RunStore, index: int, rows: slice) -> np.ndarray:
+    """Rows ``rows`` of snapshot ``index`` (0: the first, -1: the last): phase 3's w_start for --start
+    first or last (the mean comes with P's rows, ``basis_rows``)."""
+    out = np.empty(rows.stop - rows.start, dtype=np.float32)
+    for row, block in row_blocks(store, [[rels[index]] for rels in store.snapshot_shards()], rows):
+        out[row - rows.start :][: block.shape[1]] = block[0]
+    return out

@@ -4,6 +4,7 @@ Three stages of 16, 32 and 64 channels with n basic blocks each (depth 6n + 2); 
 halves the resolution, the shortcut is the paper's option A: subsample by 2 and pad the new
 channels with zeros, so shortcuts add no parameters (ResNet-20 has 0.27M).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,7 +27,7 @@ class BasicBlock(nn.Module):
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride == 1 and not self.extra:
             return x
-        x = x[:, :, ::self.stride, ::self.stride]
+        x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

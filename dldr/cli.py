@@ -1,4 +1,5 @@
 """``dldr``: run DLDR end to end (``fit``) or one phase on a run directory; submit and follow Ray Jobs."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
 from dldr import tracking
-from dldr.config import CHOICES, SNAPSHOTS, SUBSPACE_BATCHES, TRACKERS, Config, field_type, read_spec
+from dldr.config import Config, flag_type, read_spec, shown_default
 from dldr.errors import DldrError
 from dldr.store import RunStore, holds_run
 
@@ -17,58 +18,6 @@ if TYPE_CHECKING:
     from ray.job_submission import JobDetails
 
     from dldr import jobs, phases
-
-# Flags shared by every command, each a Config field; only the flags given override the config.
-_HELP = {
-    "model": "timm model name, or mlp (default for digits)",
-    "data": "data set: digits (bundled), fashion-mnist[:DIR], mnist:DIR, kmnist:DIR, cifar10:DIR, cifar100:DIR, "
-            "imagefolder:DIR, ffcv:TRAIN.beton,VAL.beton or synthetic:CxHxW:K[:N]",
-    "image_size": "crop size of imagefolder and ffcv data",
-    "loader_workers": "image decoding processes (ffcv: threads) of imagefolder and ffcv data",
-    "precision": "fp32, or bf16 autocast (fp32 weights)",
-    "run_dir": "run directory: a local path or an fsspec URL",
-    "sample_epochs": "SGD epochs of phase 1",
-    "snapshot_every": "snapshot every K SGD steps; 0 = at the start and after every epoch",
-    "lr_schedule": "learning-rate schedule of phase 1 (and of P-SGD), stepped every step",
-    "lr_milestones": "fractions of the phase at which --lr-schedule step multiplies the learning rate by --lr-gamma, "
-                     "comma separated",
-    "lr_gamma": "factor of each --lr-schedule step decay",
-    "warmup_epochs": "epochs of linear learning-rate warm-up before the schedule (may be fractional)",
-    "dim": "subspace dimension d",
-    "start": "w_start: the first or last snapshot, or their mean",
-    "optimizer": "phase 3 optimizer",
-    "basis_dtype": "precision phase 3 holds P in: fp32, or bf16 (half the memory; products sum in fp32)",
-    "subspace": "the DLDR basis, or random directions (for comparison)",
-    "subspace_epochs": "epochs of phase 3",
-    "batch_size": "mini-batch size of phase 1",
-    "subspace_batch_size": "mini-batch size of phase 3",
-    "holdout": "fraction of the training images held out as a validation set, logged as val_accuracy",
-    "lr": "SGD learning rate of phase 1",
-    "subspace_lr": "P-SGD learning rate of phase 3",
-    "weight_decay": "SGD weight decay of phase 1",
-    "momentum": "momentum of SGD and P-SGD",
-    "label_noise": "fraction of training labels replaced by a uniformly drawn class",
-    "seed": "random seed",
-    "device": "torch device (with --workers: cuda gives every worker --gpus-per-worker GPUs, default 1)",
-    "workers": "Ray Train workers; 0 runs every phase in this process without Ray",
-    "cpus_per_worker": "CPUs each Ray Train worker reserves (torch uses as many threads)",
-    "gpus_per_worker": "GPUs per Ray Train worker (needs --device cuda)",
-    "address": "Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)",
-    "max_failures": "worker-group failures a phase survives by restarting from its last checkpoint",
-    "armijo_sigma": "P-BFGS sufficient-decrease constant",
-    "armijo_beta": "P-BFGS backtracking factor (the most a failed trial's step is kept)",
-    "armijo_backtrack": "P-BFGS step after a failed trial: interpolated within [0.1, beta] alpha, "
-                        "or geometric beta alpha (the paper's)",
-    "max_trials": "P-BFGS line-search trials per step",
-    "tracker": "also log every epoch to mlflow (MLFLOW_TRACKING_URI, else ./mlflow.db) or tensorboard (event files "
-               "in the run directory); give it twice for both",
-}
-
-
-_DEFAULTS = {"run_dir": "runs/<time>", "address": "RAY_ADDRESS, else a local instance",
-             "subspace_batch_size": f"{SUBSPACE_BATCHES} x --batch-size, at most the training set",
-             "snapshot_every": f"evenly spaced, about max({SNAPSHOTS}, --dim) snapshots",
-             "lr_milestones": "0.667, the paper's", "tracker": "none"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,12 +28,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """A flag for every Config field: only the flags given override the config."""
     for f in fields(Config):
         if f.name not in skip:
             several = {"action": "append"} if f.name == "tracker" else {}
-            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=field_type(f),
-                                choices=TRACKERS if several else CHOICES.get(f.name), default=argparse.SUPPRESS,
-                                help=f"{_HELP[f.name]} (default: {_DEFAULTS.get(f.name, f.default)})", **several)
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=flag_type(f),
+                choices=f.metadata.get("choices"),
+                default=argparse.SUPPRESS,
+                help=f"{f.metadata['help']} (default: {shown_default(f)})".replace("%", "%%"),
+                **several,
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", metavar="FILE.yaml", help="YAML file of configuration keys (a job spec works too)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     _config_flags(common)
-    parser = _Parser(prog="dldr", description="Train neural networks in a tiny subspace "
-                                     "of their parameters (DLDR + P-BFGS).")
+    parser = _Parser(
+        prog="dldr", description="Train neural networks in a tiny subspace of their parameters (DLDR + P-BFGS)."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("fit", parents=[common], help="all three phases in a new run directory")
     sub.add_parser("sample", parents=[common], help="phase 1: SGD, writing parameter snapshots")
@@ -101,17 +58,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("train", parents=[common], help="phase 3: train in the subspace of a run's basis")
 
     dashboard = _Parser(add_help=False)
-    dashboard.add_argument("--address", dest="dashboard", default="", metavar="http://HOST:8265",
-                           help="the Ray cluster's dashboard (default: RAY_ADDRESS, else the one cluster/local-head.sh "
-                                "starts, http://127.0.0.1:8265)")
+    dashboard.add_argument(
+        "--address",
+        dest="dashboard",
+        default="",
+        metavar="http://HOST:8265",
+        help="the Ray cluster's dashboard (default: RAY_ADDRESS, else the one cluster/local-head.sh "
+        "starts, http://127.0.0.1:8265)",
+    )
     submit = sub.add_parser("submit", parents=[dashboard], help="run a job spec on a Ray cluster (Ray Jobs)")
     submit.add_argument("spec", metavar="SPEC.yaml", help="a job spec: configuration keys plus resources (see jobs/)")
-    submit.add_argument("--wait", action="store_true",
-                        help="print the job's logs until it ends; exit 1 unless it succeeded")
+    submit.add_argument(
+        "--wait", action="store_true", help="print the job's logs until it ends; exit 1 unless it succeeded"
+    )
     submit.add_argument("--quiet", action="store_true", help="with --wait: no logs, only the result")
     _config_flags(submit, skip=("address",))
-    for name, text in (("status", "a job's state and, once it succeeded, its results"),
-                       ("logs", "a job's logs"), ("stop", "stop a job (its run directory stays)")):
+    for name, text in (
+        ("status", "a job's state and, once it succeeded, its results"),
+        ("logs", "a job's logs"),
+        ("stop", "stop a job (its run directory stays)"),
+    ):
         command = sub.add_parser(name, parents=[dashboard], help=text)
         command.add_argument("job", metavar="JOB", help="the job id `dldr submit` printed (`dldr jobs` lists them)")
     sub.choices["logs"].add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
@@ -120,24 +86,40 @@ def _parser() -> argparse.ArgumentParser:
     from dldr.bench import BENCHMARKS, DEFAULT_OUT
 
     bench = sub.add_parser("bench", help="run a benchmark: " + ", ".join(BENCHMARKS))
-    bench.add_argument("name", choices=list(BENCHMARKS), metavar="NAME",
-                       help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()).replace("%", "%%"))
-    bench.add_argument("--preset", default="cpu", help="cpu (digits and small sizes, minutes), fashion (wallclock, "
-                                                       "label_noise and sampling on Fashion-MNIST, under an hour "
-                                                       "each), gpu (needs a CUDA GPU) or smoke (tiny sizes, "
-                                                       "seconds); default: cpu")
+    bench.add_argument(
+        "name",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
+        help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()).replace("%", "%%"),
+    )
+    bench.add_argument(
+        "--preset",
+        default="cpu",
+        help="cpu (digits and small sizes, minutes), fashion (wallclock, "
+        "label_noise and sampling on Fashion-MNIST, under an hour "
+        "each), gpu (needs a CUDA GPU) or smoke (tiny sizes, "
+        "seconds); default: cpu",
+    )
     bench.add_argument("--out", default=DEFAULT_OUT, help=f"folder of the results (default: {DEFAULT_OUT})")
-    bench.add_argument("--work-dir", default=None, help="where the benchmark's runs and files go while it runs "
-                                                        "(default: the system's temp folder)")
+    bench.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the benchmark's runs and files go while it runs (default: the system's temp folder)",
+    )
 
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="tool", required=True, metavar="TOOL")
     convert = data.add_parser("convert", help="write one split of a data set as an ffcv .beton file")
     convert.add_argument("source", metavar="SRC", help="a --data spec, e.g. imagefolder:/data/imagenet")
     convert.add_argument("out", metavar="OUT.beton", help="the file to write; its card OUT.beton.json goes beside it")
-    convert.add_argument("--split", choices=("train", "val"), default="train", help="the split to write (default: train)")
-    convert.add_argument("--max-resolution", type=int, default=256,
-                         help="longest side of ImageFolder images in the file (default: 256)")
-    convert.add_argument("--jpeg", action="store_true", help="store JPEG instead of raw pixels (smaller, slower to decode)")
+    convert.add_argument(
+        "--split", choices=("train", "val"), default="train", help="the split to write (default: train)"
+    )
+    convert.add_argument(
+        "--max-resolution", type=int, default=256, help="longest side of ImageFolder images in the file (default: 256)"
+    )
+    convert.add_argument(
+        "--jpeg", action="store_true", help="store JPEG instead of raw pixels (smaller, slower to decode)"
+    )
     convert.add_argument("--workers", type=int, default=2, help="writer processes (default: 2)")
     return parser
 
@@ -146,10 +128,13 @@ def _convert(args: argparse.Namespace) -> dict[str, Any]:
     from dldr import data
     from dldr.data import beton
 
-    card = beton.convert(data.load(args.source, loader_workers=0), args.split, args.out, args.max_resolution,
-                         args.jpeg, args.workers)
-    print(f"wrote {args.out}: {card['samples']} images of the {args.split} split of {card['source']} "
-          f"({card['num_classes']} classes), card {beton.card_path(args.out).name}")
+    card = beton.convert(
+        data.load(args.source, loader_workers=0), args.split, args.out, args.max_resolution, args.jpeg, args.workers
+    )
+    print(
+        f"wrote {args.out}: {card['samples']} images of the {args.split} split of {card['source']} "
+        f"({card['num_classes']} classes), card {beton.card_path(args.out).name}"
+    )
     return card
 
 
@@ -207,6 +192,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         _sweep(store)
         if cfg.workers:
             from dldr import ray_train  # the in-process path (--workers 0) runs without Ray
+
             with ray_train.cluster(cfg.address):
                 ray_train.check_placement(cfg)  # before a new run directory exists
                 run = run or phases.start_run(cfg, progress, checked=True)
@@ -235,8 +221,11 @@ def _sweep(store: RunStore) -> None:
     removed = store.sweep()
     if removed:
         shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
-        print(f"dldr: removed {len(removed)} file{'s' * (len(removed) > 1)} that a stopped command left in "
-              f"{store.url}: {shown}", file=sys.stderr)
+        print(
+            f"dldr: removed {len(removed)} file{'s' * (len(removed) > 1)} that a stopped command left in "
+            f"{store.url}: {shown}",
+            file=sys.stderr,
+        )
 
 
 def _print_summary(run_dir: str, summary: dict[str, Any]) -> None:
@@ -244,16 +233,22 @@ def _print_summary(run_dir: str, summary: dict[str, Any]) -> None:
     lines = [f"run directory   {run_dir}"]
     if "sample" in p:
         s = p["sample"]
-        lines.append(f"sample          {s['epochs']} epochs of SGD, {s['snapshots']} snapshots, "
-                     f"test accuracy {s['test_accuracy']:.4f}, {s['seconds']:.1f} s")
+        lines.append(
+            f"sample          {s['epochs']} epochs of SGD, {s['snapshots']} snapshots, "
+            f"test accuracy {s['test_accuracy']:.4f}, {s['seconds']:.1f} s"
+        )
     if "basis" in p:
         b = p["basis"]
-        lines.append(f"basis           {b['subspace']}, d = {b['dim']}, explained variance "
-                     f"{b['explained_variance_ratio']:.4f}, {b['seconds']:.1f} s")
+        lines.append(
+            f"basis           {b['subspace']}, d = {b['dim']}, explained variance "
+            f"{b['explained_variance_ratio']:.4f}, {b['seconds']:.1f} s"
+        )
     if "train" in p:
         t = p["train"]
-        lines.append(f"train           {t['epochs']} epochs of {t['optimizer']}, test accuracy {t['test_accuracy']:.4f}, "
-                     f"{t['line_search_failures']} line-search failures, {t['seconds']:.1f} s")
+        lines.append(
+            f"train           {t['epochs']} epochs of {t['optimizer']}, test accuracy {t['test_accuracy']:.4f}, "
+            f"{t['line_search_failures']} line-search failures, {t['seconds']:.1f} s"
+        )
     print("\n".join(lines))
 
 
@@ -277,8 +272,10 @@ def _job_command(args: argparse.Namespace) -> dict[str, Any]:
         return _report(job.cluster, details, check=True)
     cluster = jobs.Cluster.connect(args.dashboard)
     if args.command == "jobs":
-        rows = [(j.submission_id, j.status.value, jobs.when(j.start_time), jobs.run_dir(j) or "-")
-                for j in jobs.list_jobs(cluster)]
+        rows = [
+            (j.submission_id, j.status.value, jobs.when(j.start_time), jobs.run_dir(j) or "-")
+            for j in jobs.list_jobs(cluster)
+        ]
         table = [("JOB", "STATUS", "STARTED", "RUN DIRECTORY"), *rows]
         widths = [max(len(row[i]) for row in table) for i in range(4)]
         for row in table:
@@ -304,8 +301,9 @@ def _still_running(job_id: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"stopped following {job_id}; it keeps running on the cluster "
-                                f"(`dldr stop {job_id}` ends it)") from None
+        raise KeyboardInterrupt(
+            f"stopped following {job_id}; it keeps running on the cluster (`dldr stop {job_id}` ends it)"
+        ) from None
 
 
 def _report(cluster: jobs.Cluster, details: JobDetails, check: bool) -> dict[str, Any]:
@@ -341,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dldr: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
-        print(f"dldr: {e.args[0] if e.args else 'interrupted; the run directory keeps every file completed so far'}",
-              file=sys.stderr)
+        print(
+            f"dldr: {e.args[0] if e.args else 'interrupted; the run directory keeps every file completed so far'}",
+            file=sys.stderr,
+        )
         return 130
     return 0
 

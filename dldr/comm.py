@@ -5,6 +5,7 @@ single-process case, where every collective is the identity; ``TorchComm`` runs 
 methods over the default ``torch.distributed`` process group (Gloo or NCCL), which is what Ray
 Train sets up on its workers.
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol

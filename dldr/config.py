@@ -1,9 +1,12 @@
 """The run configuration: defaults, then a YAML file, then command-line flags."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -19,16 +22,7 @@ SUBSPACE_BATCHES = 4
 
 # --tracker: where each epoch goes besides metrics.jsonl (dldr.tracking)
 TRACKERS = ("mlflow", "tensorboard")
-CHOICES = {
-    "start": ("first", "last", "mean"),
-    "optimizer": ("pbfgs", "psgd"),
-    "subspace": ("trajectory", "random"),
-    "device": ("cpu", "cuda"),
-    "precision": ("fp32", "bf16"),
-    "basis_dtype": ("fp32", "bf16"),
-    "armijo_backtrack": ("interpolate", "geometric"),
-    "lr_schedule": KINDS,
-}
+AUTO = "auto"  # a None default decided when the run starts (--workers)
 
 
 # (field, exclusive lower bound, exclusive upper bound or None): what torch and the line search reject
@@ -36,67 +30,116 @@ CHOICES = {
 _RANGES = (("lr", 0.0, None), ("subspace_lr", 0.0, None), ("armijo_sigma", 0.0, 1.0), ("armijo_beta", 0.0, 1.0))
 
 
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple[str, ...] | None = None,
+    shown: str | None = None,
+    kind: type | None = None,
+) -> Any:
+    """A Config field with what ``--help`` and the README say of it: its help text, its allowed values,
+    how its default reads (``shown``) and, for a None default, the type of its values (``kind``)."""
+    metadata = {"help": help, "choices": choices, "shown": shown, "type": kind}
+    return field(default=default, metadata={k: v for k, v in metadata.items() if v is not None})
+
+
 @dataclass
 class Config:
-    model: str = "mlp"
-    data: str = "digits"
-    run_dir: str = ""
-    seed: int = 0
-    device: str = "cpu"
-    # where the phases run: N Ray Train workers (0: in this process, without Ray), on the
-    # cluster at ``address`` (empty: RAY_ADDRESS, or else a local instance dldr starts)
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    address: str = ""
-    max_failures: int = 0
-    batch_size: int = 128
-    label_noise: float = 0.0
-    # a seeded fraction of the training images (labels as noisy as the rest) kept out of
-    # training, logged as val_accuracy every epoch: what early stopping is judged on
-    holdout: float = 0.0
-    # the crop of ImageFolder data (and .beton files of it), and the processes that decode it
-    image_size: int = 224
-    loader_workers: int = 2
-    # bf16 autocast of the forward and backward passes (fp32 master weights, snapshots and basis)
-    precision: str = "fp32"
-    # phase 1: SGD with momentum and weight decay, snapshots at the start and every
-    # ``snapshot_every`` iterations (0: after every epoch; None: evenly spaced, about SNAPSHOTS
-    # of them, so 56 on digits' 11 steps an epoch and 51 on Fashion-MNIST's 468)
-    sample_epochs: int = 10
-    snapshot_every: int | None = field(default=None, metadata={"type": int})
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    # the learning-rate schedule of phase 1 (and of P-SGD in phase 3), stepped every step:
-    # constant, step (times lr_gamma at each of lr_milestones, fractions of the phase; empty:
-    # the paper's 2/3) or cosine, after warmup_epochs of linear warm-up (``dldr.schedule``).
-    # Without the warm-up, the BatchNorm cnn at lr 0.1 dies in its first epoch on Fashion-MNIST.
-    lr_schedule: str = "constant"
-    lr_milestones: str = ""
-    lr_gamma: float = 0.1
-    warmup_epochs: float = 1.0
-    # phase 2: the d-dimensional basis
-    dim: int = 40
-    subspace: str = "trajectory"
-    # phase 3: w = w_start + P c
-    start: str = "last"
-    optimizer: str = "pbfgs"
-    # the precision phase 3 holds its rows of P in: bf16 halves the largest array of a large model
-    # (P is D x d: 13.8 GB in float32 for ViT-B/16 at d = 40); products with it still sum in float32
-    basis_dtype: str = "fp32"
-    subspace_epochs: int = 5
-    # the mini-batch of phase 3 (0: SUBSPACE_BATCHES x batch_size, as much of it as the training set
-    # holds); the paper trains P-BFGS on larger batches than SGD (1024 against 128 in its code)
-    subspace_batch_size: int = 0
-    subspace_lr: float = 0.1
-    armijo_sigma: float = 0.4
-    armijo_beta: float = 0.55
-    # after a failed trial: the parabola's minimiser within [0.1, beta] alpha, or the paper's beta alpha
-    armijo_backtrack: str = "interpolate"
-    max_trials: int = 20
-    # experiment trackers, comma separated (a YAML list too): mlflow, tensorboard
-    tracker: str = ""
+    """Every setting of a run; a field's help text is the one ``dldr --help`` and the README show."""
+
+    model: str = option(
+        "mlp", "timm model name, or one dldr registers: mlp, cnn, lenet5, cnn_pool, cifar_resnet20/32/44/56/110"
+    )
+    data: str = option(
+        "digits",
+        "data set: digits (bundled), fashion-mnist[:DIR], mnist:DIR, kmnist:DIR, "
+        "cifar10:DIR, cifar100:DIR, imagefolder:DIR, ffcv:TRAIN.beton,VAL.beton or "
+        "synthetic:CxHxW:K[:N]",
+    )
+    run_dir: str = option("", "run directory: a local path or an fsspec URL (s3://bucket/run)", shown="runs/<time>")
+    seed: int = option(0, "random seed")
+    device: str = option(
+        "cpu",
+        "torch device (with Ray Train workers, cuda gives each --gpus-per-worker GPUs, default 1)",
+        choices=("cpu", "cuda"),
+    )
+    workers: int | None = option(
+        None,
+        "Ray Train workers; 0 runs every phase in this process without Ray; auto: "
+        "0, or 1 when --address or RAY_ADDRESS names a cluster",
+        shown="auto",
+        kind=int,
+    )
+    cpus_per_worker: float = option(1.0, "CPUs each Ray Train worker reserves (torch uses as many threads)")
+    gpus_per_worker: float = option(0.0, "GPUs per Ray Train worker (needs --device cuda)")
+    address: str = option("", "Ray cluster address host:port", shown="RAY_ADDRESS, else a local instance")
+    max_failures: int = option(0, "worker-group failures a command survives by restarting from its last checkpoint")
+    batch_size: int = option(128, "mini-batch size of phase 1")
+    label_noise: float = option(0.0, "fraction of training labels replaced by a uniformly drawn class")
+    holdout: float = option(
+        0.0,
+        "fraction of the training images held out (its labels as noisy as the rest), "
+        "logged as val_accuracy: what early stopping is judged on",
+    )
+    image_size: int = option(224, "crop size of imagefolder and ffcv data")
+    loader_workers: int = option(2, "image decoding processes (ffcv: threads) of imagefolder and ffcv data")
+    precision: str = option(
+        "fp32", "fp32, or bf16 autocast (fp32 weights, snapshots and basis)", choices=("fp32", "bf16")
+    )
+    sample_epochs: int = option(10, "SGD epochs of phase 1")
+    snapshot_every: int | None = option(
+        None,
+        "snapshot every K SGD steps; 0 = at the start and after every epoch",
+        shown=f"evenly spaced, about max({SNAPSHOTS}, --dim) snapshots",
+        kind=int,
+    )
+    lr: float = option(0.1, "SGD learning rate of phase 1")
+    momentum: float = option(0.9, "momentum of SGD and P-SGD")
+    weight_decay: float = option(1e-4, "SGD weight decay of phase 1")
+    lr_schedule: str = option(
+        "constant", "learning-rate schedule of phase 1 (and of P-SGD), stepped every step", choices=KINDS
+    )
+    lr_milestones: str = option(
+        "",
+        "fractions of the phase at which --lr-schedule step multiplies the learning "
+        "rate by --lr-gamma, comma separated",
+        shown="0.667, the paper's",
+    )
+    lr_gamma: float = option(0.1, "factor of each --lr-schedule step decay")
+    warmup_epochs: float = option(1.0, "epochs of linear learning-rate warm-up before the schedule (may be fractional)")
+    dim: int = option(40, "subspace dimension d")
+    subspace: str = option(
+        "trajectory", "the DLDR basis, or random directions (for comparison)", choices=("trajectory", "random")
+    )
+    start: str = option("last", "w_start: the first or last snapshot, or their mean", choices=("first", "last", "mean"))
+    optimizer: str = option("pbfgs", "phase 3 optimizer", choices=("pbfgs", "psgd"))
+    basis_dtype: str = option(
+        "fp32",
+        "precision phase 3 holds P in: fp32, or bf16 (half the memory; products sum in fp32)",
+        choices=("fp32", "bf16"),
+    )
+    subspace_epochs: int = option(5, "epochs of phase 3")
+    subspace_batch_size: int = option(
+        0, "mini-batch size of phase 3", shown=f"{SUBSPACE_BATCHES} x --batch-size, at most the training set"
+    )
+    subspace_lr: float = option(0.1, "P-SGD learning rate of phase 3")
+    armijo_sigma: float = option(0.4, "P-BFGS sufficient-decrease constant")
+    armijo_beta: float = option(0.55, "P-BFGS backtracking factor (the most a failed trial's step is kept)")
+    armijo_backtrack: str = option(
+        "interpolate",
+        "P-BFGS step after a failed trial: interpolated within "
+        "[0.1, beta] alpha, or geometric beta alpha (the paper's)",
+        choices=("interpolate", "geometric"),
+    )
+    max_trials: int = option(20, "P-BFGS line-search trials per step")
+    tracker: str = option(
+        "",
+        "also log every epoch to mlflow (MLFLOW_TRACKING_URI, else ./mlflow.db) or "
+        "tensorboard (event files in the run directory); give it twice for both",
+        choices=TRACKERS,
+        shown="none",
+    )
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -108,26 +151,38 @@ class Config:
             if not ((low is None or value > low) and (high is None or value < high)):
                 bounds = f"above {low:g}" if high is None else f"between {low:g} and {high:g} (exclusive)"
                 raise DldrError(f"--{name.replace('_', '-')} must be {bounds}, got {value:g}")
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise DldrError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                f"got {getattr(self, name)!r}")
+        for f in fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and f.name != "tracker" and getattr(self, f.name) not in allowed:
+                raise DldrError(
+                    f"--{f.name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, f.name)!r}"
+                )
         if not 0.0 <= self.momentum < 1.0:
             raise DldrError(f"--momentum must be in [0, 1), got {self.momentum:g}")
         if not 0.0 <= self.label_noise <= 1.0:
             raise DldrError(f"--label-noise must be a fraction in [0, 1], got {self.label_noise}")
+        if self.workers is None:  # auto
+            self.workers = 1 if self.address or os.environ.get("RAY_ADDRESS") else 0
         if not 0.0 <= self.holdout < 1.0:
             raise DldrError(f"--holdout must be a fraction in [0, 1), got {self.holdout}")
-        for name in ("workers", "max_failures", "gpus_per_worker", "loader_workers", "subspace_batch_size",
-                     "weight_decay"):
+        for name in (
+            "workers",
+            "max_failures",
+            "gpus_per_worker",
+            "loader_workers",
+            "subspace_batch_size",
+            "weight_decay",
+        ):
             if getattr(self, name) < 0:
                 raise DldrError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if self.gpus_per_worker > 0 and self.device != "cuda":
             raise DldrError("--gpus-per-worker gives each worker GPUs; add --device cuda to train on them")
         for name in ("batch_size", "subspace_batch_size"):
             if self.workers and getattr(self, name) % self.workers:
-                raise DldrError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
-                                f"--workers {self.workers}, so every worker gets the same share of each batch")
+                raise DldrError(
+                    f"--{name.replace('_', '-')} {getattr(self, name)} must be a multiple of "
+                    f"--workers {self.workers}, so every worker gets the same share of each batch"
+                )
         for name in ("batch_size", "sample_epochs", "subspace_epochs", "max_trials", "image_size", "dim"):
             if getattr(self, name) < 1:
                 raise DldrError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -147,8 +202,10 @@ class Config:
         if not 0 < self.lr_gamma <= 1:
             raise DldrError(f"--lr-gamma must be in (0, 1], got {self.lr_gamma}")
         if self.lr_milestones and self.lr_schedule != "step":
-            raise DldrError(f"--lr-milestones {self.lr_milestones} are the decays of --lr-schedule step, "
-                            f"not of {self.lr_schedule}; add --lr-schedule step or leave them out")
+            raise DldrError(
+                f"--lr-milestones {self.lr_milestones} are the decays of --lr-schedule step, "
+                f"not of {self.lr_schedule}; add --lr-schedule step or leave them out"
+            )
         phases = {"--sample-epochs": self.sample_epochs}
         if self.optimizer == "psgd":
             phases["--subspace-epochs"] = self.subspace_epochs
@@ -157,9 +214,11 @@ class Config:
         for flag, epochs in phases.items():
             warmup = min(self.warmup_epochs, epochs / 2)  # see dldr.schedule
             if self.lr_schedule == "step" and milestones[0] * epochs <= warmup:
-                raise DldrError(f"the first --lr-milestones decay, at {milestones[0]:g} of {flag} {epochs}, falls "
-                                f"inside its {warmup:g} epochs of warm-up; give a later milestone or a shorter "
-                                "--warmup-epochs")
+                raise DldrError(
+                    f"the first --lr-milestones decay, at {milestones[0]:g} of {flag} {epochs}, falls "
+                    f"inside its {warmup:g} epochs of warm-up; give a later milestone or a shorter "
+                    "--warmup-epochs"
+                )
 
     @property
     def trackers(self) -> tuple[str, ...]:
@@ -168,8 +227,9 @@ class Config:
     @property
     def schedule(self) -> Schedule:
         """The learning-rate schedule of phase 1 (and of P-SGD in phase 3)."""
-        return Schedule(self.lr_schedule, _fractions(self.lr_milestones) or PAPER_MILESTONES, self.lr_gamma,
-                        self.warmup_epochs)
+        return Schedule(
+            self.lr_schedule, _fractions(self.lr_milestones) or PAPER_MILESTONES, self.lr_gamma, self.warmup_epochs
+        )
 
     def snapshot_interval(self, steps_per_epoch: int) -> int:
         """Phase 1's steps between snapshots; 0: one after every epoch."""
@@ -210,10 +270,11 @@ class Config:
 class Resources:
     """A job spec's ``resources``: what the job's driver reserves on the cluster.
 
-    The driver is the entrypoint process (``dldr fit``): it runs phase 2's eigen-decomposition
-    and records the run. The workers' share is the config's ``workers`` x ``cpus_per_worker``
+    The driver is the entrypoint process (``dldr fit``): it checks the run, starts the Ray Train
+    run and records it. The workers' share is the config's ``workers`` x ``cpus_per_worker``
     and ``gpus_per_worker``; ``dldr fit --config`` reads a spec and ignores this section.
     """
+
     entrypoint_cpus: float = 0.0
     entrypoint_gpus: float = 0.0
     entrypoint_memory_gb: float = 0.0
@@ -230,6 +291,36 @@ RESOURCES = "resources"
 def field_type(f: Any) -> type:
     """The type a configuration value is converted to: the default's, or the one a None default names."""
     return f.metadata.get("type", type(f.default))
+
+
+def flag_type(f: Any) -> Callable[[str], Any]:
+    """How the command line's text of field ``f`` becomes its value (``auto`` is None where the default is)."""
+    kind = field_type(f)
+    if f.metadata.get("shown") != AUTO:
+        return kind
+
+    def parse(text: str) -> Any:
+        return None if text == AUTO else kind(text)
+
+    parse.__name__ = kind.__name__  # what argparse's error names
+    return parse
+
+
+def shown_default(f: Any) -> str:
+    """Field ``f``'s default as ``--help`` and the README's table show it."""
+    return str(f.metadata.get("shown", f.default))
+
+
+def options_table() -> str:
+    """The README's table of options, one row per Config field (tests/test_cli.py keeps the README's in step)."""
+    rows = ["| option | default | what it sets |", "| --- | --- | --- |"]
+    for f in fields(Config):
+        choices = f.metadata.get("choices")
+        text = f.metadata["help"] + (f" ({' / '.join(choices)})" if choices and f.name != "tracker" else "")
+        default = shown_default(f)
+        default = f"`{default}`" if default and " " not in default else default
+        rows.append(f"| `--{f.name.replace('_', '-')}` | {default} | {text.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
 
 
 def read_spec(text: str, source: str) -> tuple[dict[str, Any], Resources]:
@@ -249,8 +340,10 @@ def _fractions(text: str) -> tuple[float, ...]:
     except ValueError:
         values = (-1.0,)
     if any(not 0 < v < 1 for v in values) or list(values) != sorted(set(values)):
-        raise DldrError(f"--lr-milestones must be increasing fractions of the phase in (0, 1), comma separated "
-                        f"(e.g. 0.5,0.75 for epochs 50 and 75 of 100), got {text!r}")
+        raise DldrError(
+            f"--lr-milestones must be increasing fractions of the phase in (0, 1), comma separated "
+            f"(e.g. 0.5,0.75 for epochs 50 and 75 of 100), got {text!r}"
+        )
     return values
 
 
@@ -277,11 +370,12 @@ def _typed(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
         if key not in known:
             raise DldrError(f"{source}: unknown key {key!r}; known keys: {', '.join(known)}")
         kind = field_type(known[key])
-        if value is None and known[key].default is None:
+        if (value is None or value == AUTO == known[key].metadata.get("shown")) and known[key].default is None:
             typed[key] = None
             continue
-        if kind is str and key in _LISTS and isinstance(value, list) \
-                and all(_is(_LISTS[key], v) for v in value):  # a YAML list of milestones or trackers
+        if (
+            kind is str and key in _LISTS and isinstance(value, list) and all(_is(_LISTS[key], v) for v in value)
+        ):  # a YAML list of milestones or trackers
             value = ",".join(map(str, value))
         if not _is(kind, value):
             shown = "null" if value is None else repr(value)

@@ -7,6 +7,7 @@ which the cluster/ configs install. Inside the job, ``dldr fit`` finds its clust
 RAY_ADDRESS that Ray Jobs sets for the entrypoint. The client speaks to the cluster's dashboard
 (http://HOST:8265) and sends the cluster's token, found where Ray looks for it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,11 @@ RUN_DIR_KEY = "dldr_run_dir"  # the job's metadata: where its run directory is
 TOKEN_PLACES = "RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
 
 # "Uploading package ...", "WebSocket closed ...": dldr says what it submitted and how the job ended
-for _name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk",
-              "ray._private.runtime_env.packaging"):
+for _name in (
+    "ray.dashboard.modules.dashboard_sdk",
+    "ray.dashboard.modules.job.sdk",
+    "ray._private.runtime_env.packaging",
+):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
@@ -59,8 +63,10 @@ def auth_token() -> tuple[str | None, str]:
         token = path.read_text().strip()
     except FileNotFoundError:
         if named:
-            raise DldrError(f"RAY_AUTH_TOKEN_PATH names {path}, which does not exist; point it at the cluster's "
-                            "token file, or unset it") from None
+            raise DldrError(
+                f"RAY_AUTH_TOKEN_PATH names {path}, which does not exist; point it at the cluster's "
+                "token file, or unset it"
+            ) from None
         return None, TOKEN_PLACES
     except OSError as e:
         raise DldrError(f"cannot read the Ray token file {path}: {e.strerror}") from None
@@ -72,6 +78,7 @@ def auth_token() -> tuple[str | None, str]:
 @dataclass
 class Cluster:
     """A connection to a cluster's job server, turning its failures into one-line errors."""
+
     address: str
     client: JobSubmissionClient
     token_source: str
@@ -83,8 +90,10 @@ class Cluster:
         if "://" not in address:
             address = f"http://{address}"
         if not address.startswith(("http://", "https://")):
-            raise DldrError(f"{address} is not a Ray dashboard address; give --address or RAY_ADDRESS as "
-                            "http://HOST:8265 (the cluster's dashboard, which serves Ray Jobs)")
+            raise DldrError(
+                f"{address} is not a Ray dashboard address; give --address or RAY_ADDRESS as "
+                "http://HOST:8265 (the cluster's dashboard, which serves Ray Jobs)"
+            )
         token, source = auth_token()
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         with _errors(address, source, bool(token)):
@@ -102,20 +111,29 @@ def _errors(address: str, token_source: str, sent_token: bool, job_id: str | Non
         yield
     except AuthenticationError:
         if sent_token:
-            raise DldrError(f"the Ray cluster at {address} refused the token from {token_source}; put the cluster's "
-                            "token there (`ray get-auth-token` on its head prints it)") from None
-        raise DldrError(f"the Ray cluster at {address} needs a token and none was found in {TOKEN_PLACES}; "
-                        "put the cluster's token there (`ray get-auth-token` on its head prints it)") from None
+            raise DldrError(
+                f"the Ray cluster at {address} refused the token from {token_source}; put the cluster's "
+                "token there (`ray get-auth-token` on its head prints it)"
+            ) from None
+        raise DldrError(
+            f"the Ray cluster at {address} needs a token and none was found in {TOKEN_PLACES}; "
+            "put the cluster's token there (`ray get-auth-token` on its head prints it)"
+        ) from None
     except (ConnectionError, requests.RequestException):
-        raise DldrError(f"cannot reach a Ray dashboard at {address}; start a cluster (cluster/local-head.sh) or give "
-                        "its dashboard address with --address or RAY_ADDRESS (http://HOST:8265)") from None
+        raise DldrError(
+            f"cannot reach a Ray dashboard at {address}; start a cluster (cluster/local-head.sh) or give "
+            "its dashboard address with --address or RAY_ADDRESS (http://HOST:8265)"
+        ) from None
     except RuntimeError as e:
         if job_id and "does not exist" in str(e):
-            raise DldrError(f"there is no job {job_id} on the Ray cluster at {address}; `dldr jobs` lists them") from None
+            raise DldrError(
+                f"there is no job {job_id} on the Ray cluster at {address}; `dldr jobs` lists them"
+            ) from None
         raise DldrError(f"the Ray job server at {address} failed: {str(e).strip().splitlines()[0]}") from None
 
 
 # ---- submit -------------------------------------------------------------------------------------
+
 
 @dataclass
 class Submission:
@@ -137,8 +155,10 @@ def submit(spec: str, overrides: dict[str, Any], address: str = "") -> Submissio
         raise DldrError(f"cannot read the job spec {spec}: {e.strerror}") from None
     values, resources = read_spec(text, spec)
     if values.get("address"):
-        raise DldrError(f"{spec}: a submitted job runs on the cluster it is submitted to; remove `address` "
-                        "(give the cluster with `dldr submit --address http://HOST:8265`)")
+        raise DldrError(
+            f"{spec}: a submitted job runs on the cluster it is submitted to; remove `address` "
+            "(give the cluster with `dldr submit --address http://HOST:8265`)"
+        )
     values.update(overrides)
     job_id = f"dldr-{Path(spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_dir = values.get("run_dir") or f"runs/{job_id}"
@@ -149,20 +169,28 @@ def submit(spec: str, overrides: dict[str, Any], address: str = "") -> Submissio
         raise DldrError(f"{run_dir} already holds a run; give the job a new --run-dir")
     cluster = Cluster.connect(address)
     with tempfile.TemporaryDirectory(prefix="dldr-job-") as staging:
-        shutil.copytree(Path(dldr.__file__).parent, Path(staging) / "dldr",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            Path(dldr.__file__).parent, Path(staging) / "dldr", ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+        )
         (Path(staging) / JOB_CONFIG).write_text(cfg.to_yaml())
-        reserve = {"entrypoint_num_cpus": resources.entrypoint_cpus, "entrypoint_num_gpus": resources.entrypoint_gpus,
-                   "entrypoint_memory": int(resources.entrypoint_memory_gb * 2**30)}
+        reserve = {
+            "entrypoint_num_cpus": resources.entrypoint_cpus,
+            "entrypoint_num_gpus": resources.entrypoint_gpus,
+            "entrypoint_memory": int(resources.entrypoint_memory_gb * 2**30),
+        }
         with cluster.calls():
-            cluster.client.submit_job(entrypoint=ENTRYPOINT, submission_id=job_id,
-                                      runtime_env={"working_dir": staging},
-                                      metadata={RUN_DIR_KEY: run_dir},
-                                      **{k: v for k, v in reserve.items() if v})
+            cluster.client.submit_job(
+                entrypoint=ENTRYPOINT,
+                submission_id=job_id,
+                runtime_env={"working_dir": staging},
+                metadata={RUN_DIR_KEY: run_dir},
+                **{k: v for k, v in reserve.items() if v},
+            )
     return Submission(job_id, run_dir, cluster)
 
 
 # ---- watch --------------------------------------------------------------------------------------
+
 
 def info(cluster: Cluster, job_id: str) -> JobDetails:
     with cluster.calls(job_id):
@@ -176,6 +204,7 @@ def logs(cluster: Cluster, job_id: str) -> str:
 
 def follow(cluster: Cluster, job_id: str) -> JobDetails:
     """Print the job's logs as they come until it ends; its final details."""
+
     async def tail() -> None:
         async for chunk in cluster.client.tail_job_logs(job_id):
             sys.stdout.write(chunk)

@@ -1,10 +1,11 @@
 """Memory as a figure: a process's peak resident memory and peak CUDA memory over one piece of work.
 
 Linux keeps a process's peak resident set (VmHWM) since it started; writing 5 to
-/proc/self/clear_refs sets it back to the current size, so each phase of an in-process run (or
-each Ray task a reused worker process runs) reports its own peak. Where that file cannot be
+/proc/self/clear_refs sets it back to the current size, so each phase of a process reports its
+own peak. Where that file cannot be
 written, the peak is the process's since it started, which ``peak_rss_reset`` says.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,5 +42,4 @@ class Peak:
     def figures(self, **held: int) -> dict[str, int | bool | None]:
         """The peaks so far, with ``held``: the bytes of the large arrays the work kept (snapshots, P_r)."""
         cuda = torch.cuda.max_memory_allocated(self.device) if self.device is not None else None
-        return {**held, "peak_rss_bytes": status_bytes("VmHWM"), "peak_rss_reset": self.reset,
-                "peak_cuda_bytes": cuda}
+        return {**held, "peak_rss_bytes": status_bytes("VmHWM"), "peak_rss_reset": self.reset, "peak_cuda_bytes": cuda}

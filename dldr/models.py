@@ -1,4 +1,5 @@
 """Models by name through timm's registry, plus the small models dldr registers there."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,10 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from dldr import cifar_resnet  # noqa: F401  (registers cifar_resnet20, 32, 44, 56, 110 with timm)
-from dldr import small_cnns  # noqa: F401  (registers lenet5 and cnn_pool with timm)
+from dldr import (
+    cifar_resnet,  # noqa: F401  (registers cifar_resnet20, 32, 44, 56, 110 with timm)
+    small_cnns,  # noqa: F401  (registers lenet5 and cnn_pool with timm)
+)
 from dldr.errors import DldrError
 
 
@@ -31,8 +34,14 @@ class MLP(nn.Module):
 
 
 @register_model
-def mlp(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1,
-        img_size: tuple[int, int] = (8, 8), hidden: tuple[int, ...] = (256, 256), **kwargs) -> MLP:
+def mlp(
+    pretrained: bool = False,
+    num_classes: int = 10,
+    in_chans: int = 1,
+    img_size: tuple[int, int] = (8, 8),
+    hidden: tuple[int, ...] = (256, 256),
+    **kwargs,
+) -> MLP:
     """Two hidden layers of 256 by default; timm's create_model passes its own kwargs, ignored."""
     if pretrained:
         raise DldrError("mlp has no pretrained weights")
@@ -66,8 +75,10 @@ def cnn(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1, **kw
 def create(name: str, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     """``name`` for the data set's classes, channels and image size (for models built for one size)."""
     if not timm.is_model(name):
-        raise DldrError(f"unknown model {name!r}; use a timm model name (see timm.list_models()), "
-                        "cifar_resnet20/32/44/56/110, mlp, cnn, lenet5 or cnn_pool")
+        raise DldrError(
+            f"unknown model {name!r}; use a timm model name (see timm.list_models()), "
+            "cifar_resnet20/32/44/56/110, mlp, cnn, lenet5 or cnn_pool"
+        )
     kwargs = {"num_classes": num_classes, "in_chans": input_shape[0]}
     try:
         try:
@@ -96,5 +107,7 @@ def check_input(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> No
 def _cannot_take(name: str, input_shape: tuple[int, ...], error: Exception) -> DldrError:
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     shape = "x".join(map(str, input_shape))
-    return DldrError(f"{name} cannot take {shape} images ({first_line}); pick a model for this size, "
-                     "or another --image-size for imagefolder and ffcv data")
+    return DldrError(
+        f"{name} cannot take {shape} images ({first_line}); pick a model for this size, "
+        "or another --image-size for imagefolder and ffcv data"
+    )

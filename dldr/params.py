@@ -3,6 +3,7 @@
 w is the concatenation of the trainable parameters in ``named_parameters()`` order. Buffers
 (BatchNorm statistics) are not part of w: they are not in the subspace.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,15 +44,14 @@ class FlatParams:
         for p in self.params:
             lo, hi = max(rows.start, offset), min(rows.stop, offset + p.numel())
             if lo < hi:
-                pieces.append(p.detach().reshape(-1)[lo - offset:hi - offset])
+                pieces.append(p.detach().reshape(-1)[lo - offset : hi - offset])
             offset += p.numel()
         return torch.cat(pieces)
 
     def grad(self) -> torch.Tensor:
-        return torch.cat([
-            p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
-            for p in self.params
-        ])
+        return torch.cat(
+            [p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1) for p in self.params]
+        )
 
     @torch.no_grad()
     def set(self, flat: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ basis:  the top-d principal directions of the trajectory (``dldr.basis``).
 train:  w = w_start + P c, with P-BFGS or P-SGD on the d coordinates (``dldr.optim``).
 Nothing here knows about Ray: the cross-rank steps go through ``Comm``.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,18 @@ from tqdm.auto import tqdm
 
 from dldr import data as datasets
 from dldr import models, plots
-from dldr.basis import (BASIS_DTYPES, SHARDS, ShardMap, basis_report, basis_shard, basis_tensor, build_basis,
-                        check_dim, sequential, shard_path)
+from dldr.basis import (
+    BASIS_DTYPES,
+    SHARDS,
+    basis_report,
+    basis_shard,
+    basis_tensor,
+    build_basis,
+    check_dim,
+    shard_map,
+    shard_path,
+    snapshot_rows,
+)
 from dldr.comm import Comm, LocalComm
 from dldr.config import Config
 from dldr.errors import DldrError
@@ -41,9 +52,25 @@ MODEL = "model.safetensors"
 SUBSPACE_STATE = "subspace/state.pt"
 STATE_KEYS = ("model", "optimizer", "epoch", "fingerprint", "scheduler")
 # The keys whose change makes a stopped phase 3 start over instead of resuming.
-TRAIN_KEYS = ("model", "data", "image_size", "seed", "batch_size", "subspace_batch_size", "label_noise", "holdout",
-              "start", "optimizer", "basis_dtype", "subspace_lr", "momentum", "armijo_sigma", "armijo_beta",
-              "armijo_backtrack", "max_trials")
+TRAIN_KEYS = (
+    "model",
+    "data",
+    "image_size",
+    "seed",
+    "batch_size",
+    "subspace_batch_size",
+    "label_noise",
+    "holdout",
+    "start",
+    "optimizer",
+    "basis_dtype",
+    "subspace_lr",
+    "momentum",
+    "armijo_sigma",
+    "armijo_beta",
+    "armijo_backtrack",
+    "max_trials",
+)
 # ... and for P-SGD, whose learning-rate schedule spans the phase's epochs
 PSGD_KEYS = ("subspace_epochs", "lr_schedule", "lr_milestones", "lr_gamma", "warmup_epochs")
 
@@ -82,7 +109,6 @@ class Run:
     progress: bool = True
     device: torch.device | None = None
     session: Session = field(default_factory=Session)
-    shard_map: Callable[[RunStore, Callable[[], object]], ShardMap] = sequential
     tracking: Tracking = field(default_factory=Tracking)
 
     def __post_init__(self) -> None:
@@ -116,10 +142,12 @@ def load_data(cfg: Config) -> datasets.DataSource:
 def _device(cfg: Config) -> torch.device:
     """The device of an in-process run. With Ray workers, each worker gets its own from Ray."""
     if cfg.workers:
-        return torch.device("cpu")  # the driver only runs phase 2, in numpy
+        return torch.device("cpu")  # the driver runs no phase: each worker gets its device from Ray
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise DldrError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu, "
-                        "or --workers N to train on the GPUs of a Ray cluster")
+        raise DldrError(
+            "--device cuda was asked for but torch sees no CUDA GPU; use --device cpu, "
+            "or --workers N to train on the GPUs of a Ray cluster"
+        )
     return torch.device(cfg.device)
 
 
@@ -150,8 +178,10 @@ def start_run(cfg: Config, progress: bool = True, checked: bool = False) -> Run:
 def refuse_existing(store: RunStore) -> None:
     """A new run never goes where one is."""
     if store.exists(CONFIG):
-        raise DldrError(f"{store.url} already holds a run; pick a new --run-dir, or re-run one phase "
-                        "there with `dldr sample`, `dldr basis` or `dldr train`")
+        raise DldrError(
+            f"{store.url} already holds a run; pick a new --run-dir, or re-run one phase "
+            "there with `dldr sample`, `dldr basis` or `dldr train`"
+        )
 
 
 def open_run(run_dir: str, overrides: dict[str, Any], progress: bool = True) -> Run:
@@ -163,8 +193,10 @@ def open_run(run_dir: str, overrides: dict[str, Any], progress: bool = True) -> 
     try:
         text = store.read_bytes(CONFIG).decode()
     except UnicodeDecodeError as e:
-        raise DldrError(f"{source} is not UTF-8 text ({e.reason} at byte {e.start}); restore it from a copy, "
-                        "or start a new run with `dldr fit`") from None
+        raise DldrError(
+            f"{source} is not UTF-8 text ({e.reason} at byte {e.start}); restore it from a copy, "
+            "or start a new run with `dldr fit`"
+        ) from None
     base = Config.from_dict(Config.read_yaml(text, source), source=source)
     cfg = Config.from_dict({**overrides, "run_dir": run_dir}, base=base, source="command line")
     return Run(cfg, store, progress=progress)
@@ -180,11 +212,14 @@ def check_phases(run: Run, names: Sequence[str]) -> None:
     run.log.check()
     needed = PHASES[PHASES.index(first) - 1]
     if needed not in run.log.summary["phases"]:
-        how = {"sample": f"`dldr sample --run-dir {store.url}` (with --workers N and --max-failures K, a phase "
-                         "resumes from its checkpoints when workers fail)",
-               "basis": f"`dldr basis --run-dir {store.url}`"}[needed]
-        raise DldrError(f"{store.url} holds no finished phase {needed}: it was stopped, failed or never ran; run "
-                        f"{how} first")
+        how = {
+            "sample": f"`dldr sample --run-dir {store.url}` (with --workers N and --max-failures K, a phase "
+            "resumes from its checkpoints when workers fail)",
+            "basis": f"`dldr basis --run-dir {store.url}`",
+        }[needed]
+        raise DldrError(
+            f"{store.url} holds no finished phase {needed}: it was stopped, failed or never ran; run {how} first"
+        )
     if first == "basis":
         check_dim(cfg.dim, len(store.snapshot_shards()[0]))
     else:
@@ -271,6 +306,7 @@ def sample(run: Run) -> dict[str, Any]:
     run.barrier()  # no rank writes a snapshot before rank 0 has removed the stale ones
 
     with BackgroundWriter(store) as writer, run.bar("sample", cfg.sample_epochs * steps_per_epoch) as bar:
+
         def snapshot() -> None:
             writer.submit(snapshot_path(comm.rank, comm.world_size, step), flat.get(shard).cpu().numpy())
 
@@ -299,19 +335,35 @@ def sample(run: Run) -> dict[str, Any]:
                 snapshots += 1
             writer.flush()
             _commit(run)
-            metrics = _epoch_metrics(run, model, data, losses, epoch=epoch, step=step, lr=lr,
-                                     seconds=time.perf_counter() - start)
+            metrics = _epoch_metrics(
+                run, model, data, losses, epoch=epoch, step=step, lr=lr, seconds=time.perf_counter() - start
+            )
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", test_acc=f"{metrics['test_accuracy']:.4f}")
             run.log.log("sample", **metrics)
-            run.session.report(metrics, state={
-                "shared": {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": scheduler.state_dict(), "epoch": epoch,
-                           "step": step, "snapshots": snapshots, "snapshot_files": store.files("snapshots/")},
-                "rank": _rng(run.device)})
-    result = {"seconds": time.perf_counter() - start, "epochs": cfg.sample_epochs, "snapshots": snapshots,
-              "snapshot_every": every,
-              "test_accuracy": run.log.records[-1]["test_accuracy"], "workers": comm.world_size,
-              "memory": comm.all_gather_object(peak.figures(snapshot_bytes=writer.peak_bytes))}
+            run.session.report(
+                metrics,
+                state={
+                    "shared": {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "epoch": epoch,
+                        "step": step,
+                        "snapshots": snapshots,
+                        "snapshot_files": store.files("snapshots/"),
+                    },
+                    "rank": _rng(run.device),
+                },
+            )
+    result = {
+        "seconds": time.perf_counter() - start,
+        "epochs": cfg.sample_epochs,
+        "snapshots": snapshots,
+        "snapshot_every": every,
+        "test_accuracy": run.log.records[-1]["test_accuracy"],
+        "workers": comm.world_size,
+        "memory": comm.all_gather_object(peak.figures(snapshot_bytes=writer.peak_bytes)),
+    }
     if run.main:
         store.write_bytes("plots/curves.png", plots.curves(run.log.records))
     run.log.finish("sample", result)
@@ -339,8 +391,9 @@ def _commit(run: Run) -> None:
         run.store.record({rel: entry for journal in journals for rel, entry in journal.items()})
 
 
-def _epoch_metrics(run: Run, model: nn.Module, data: datasets.DataSource, losses: list[float],
-                   **values: Any) -> dict[str, Any]:
+def _epoch_metrics(
+    run: Run, model: nn.Module, data: datasets.DataSource, losses: list[float], **values: Any
+) -> dict[str, Any]:
     """The epoch's training loss averaged over ranks, and the test (and validation) metrics."""
     mean = run.comm.all_reduce_sum(torch.tensor([float(np.mean(losses))], dtype=torch.float64))
     metrics = {**values, "train_loss": float(mean[0]) / run.comm.world_size}
@@ -352,7 +405,8 @@ def _epoch_metrics(run: Run, model: nn.Module, data: datasets.DataSource, losses
 
 
 def basis(run: Run) -> dict[str, Any]:
-    """Phase 2: the d-dimensional basis of the trajectory (or a random one), from one read of the snapshots."""
+    """Phase 2: the d-dimensional basis of the trajectory (or a random one), from one read of the snapshots;
+    with several ranks, each reads its own shards (``dldr.basis.shard_map``) and rank 0 writes the basis."""
     cfg, store = run.cfg, run.store
 
     def replacing() -> None:  # from here on, a stop leaves neither the old basis nor its phase 3 claimed done
@@ -360,41 +414,31 @@ def basis(run: Run) -> dict[str, Any]:
         for stale in ("subspace/", MODEL):  # phase 3's state and model of the old basis
             store.remove(stale)
 
-    with run.bar("basis", len(store.snapshot_shards())) as bar:
-        report = build_basis(store, cfg.dim, cfg.subspace, cfg.seed,
-                             map_shards=run.shard_map(store, bar.update), before_write=replacing)
-    eigvals = store.load_array("basis/eigvals.npy")
-    store.write_bytes("plots/explained_variance.png", plots.explained_variance(eigvals, cfg.dim))
+    shards = len(store.snapshot_shards())
+    with run.bar("basis", -(-shards // run.comm.world_size)) as bar:  # the passes of this rank's shards
+        report = build_basis(
+            store,
+            cfg.dim,
+            cfg.subspace,
+            cfg.seed,
+            map_shards=shard_map(store, run.comm, bar.update),
+            before_write=replacing,
+            write=run.main,
+        )
+        bar.set_postfix(explained_variance=f"{report.explained_variance_ratio:.4f}")
+    if run.main:
+        eigvals = store.load_array("basis/eigvals.npy")
+        store.write_bytes("plots/explained_variance.png", plots.explained_variance(eigvals, cfg.dim))
     run.log.log("basis", **report.to_dict())
-    result = {"seconds": report.seconds, "dim": report.dim,
-              "explained_variance_ratio": report.explained_variance_ratio, "subspace": report.kind,
-              "memory": report.memory}
+    result = {
+        "seconds": report.seconds,
+        "dim": report.dim,
+        "explained_variance_ratio": report.explained_variance_ratio,
+        "subspace": report.kind,
+        "memory": report.memory,
+    }
     run.log.finish("basis", result)
     return result
-
-
-def _rows(store: RunStore, files: list[str], rows: slice) -> np.ndarray:
-    """Rows ``rows`` of the arrays stored row-wise across ``files``, reading only the files they span."""
-    parts, offset = [], 0
-    for rel in files:
-        length = store.manifest[rel]["shape"][0]
-        lo, hi = max(rows.start, offset), min(rows.stop, offset + length)
-        if lo < hi:
-            reader = store.row_reader(rel)
-            reader.skip(lo - offset)
-            parts.append(np.array(reader.read(hi - lo)))
-            reader.finish()
-        offset += length
-    if offset < rows.stop:
-        raise DldrError(f"the run's arrays have {offset} rows, fewer than the {rows.stop} the model needs; "
-                        "train with the --model and --data the run was sampled with")
-    return np.concatenate(parts)
-
-
-def start_point(store: RunStore, how: str, rows: slice) -> np.ndarray:
-    """Rows ``rows`` of w_start for --start first or last (the mean comes with P's rows, ``basis_shard``)."""
-    index = 0 if how == "first" else -1
-    return _rows(store, [files[index] for files in store.snapshot_shards()], rows)
 
 
 @torch.no_grad()
@@ -416,8 +460,9 @@ def recompute_batchnorm(run: Run, model: nn.Module, data: datasets.DataSource) -
     was_training = model.training
     model.train()
     cfg, comm = run.cfg, run.comm
-    for xb, _ in data.train_batches(cfg.train_batch_size(len(data.train_labels)), cfg.seed + 2, 1, comm.rank,
-                                    comm.world_size):
+    for xb, _ in data.train_batches(
+        cfg.train_batch_size(len(data.train_labels)), cfg.seed + 2, 1, comm.rank, comm.world_size
+    ):
         with run.autocast():
             model(run.inputs(xb))
     model.train(was_training)
@@ -431,16 +476,26 @@ def make_optimizer(cfg: Config, model: nn.Module, subspace: Subspace) -> torch.o
     """The phase 3 optimizer ``cfg`` names, over ``model``'s parameters in ``subspace``."""
     params = trainable(model)
     if cfg.optimizer == "pbfgs":
-        return PBFGS(params, subspace, buffers=list(model.buffers()), sigma=cfg.armijo_sigma,
-                     beta=cfg.armijo_beta, max_trials=cfg.max_trials, interpolate=cfg.armijo_backtrack == "interpolate")
+        return PBFGS(
+            params,
+            subspace,
+            buffers=list(model.buffers()),
+            sigma=cfg.armijo_sigma,
+            beta=cfg.armijo_beta,
+            max_trials=cfg.max_trials,
+            interpolate=cfg.armijo_backtrack == "interpolate",
+        )
     return PSGD(params, subspace, lr=cfg.subspace_lr, momentum=cfg.momentum)
 
 
 def _fingerprint(cfg: Config, store: RunStore) -> str:
     """What phase 3 depends on; a saved state resumes only under the same fingerprint."""
     keys = {k: getattr(cfg, k) for k in TRAIN_KEYS + (PSGD_KEYS if cfg.optimizer == "psgd" else ())}
-    keys["basis"] = [store.checksum(rel) for rel in store.files("basis/")  # phase 2's files
-                     if not rel.startswith(SHARDS)]
+    keys["basis"] = [
+        store.checksum(rel)
+        for rel in store.files("basis/")  # phase 2's files
+        if not rel.startswith(SHARDS)
+    ]
     return json.dumps(keys, sort_keys=True)
 
 
@@ -457,8 +512,10 @@ def _saved_state(run: Run, fingerprint: str) -> dict[str, Any] | None:
     except (RuntimeError, pickle.UnpicklingError, TypeError, ValueError, EOFError) as e:
         problem = (str(e).strip().splitlines() or [type(e).__name__])[0]
     if problem:
-        raise DldrError(f"{run.store.abspath(SUBSPACE_STATE)} is not a saved phase 3 state ({problem}); re-run "
-                        f"`dldr basis --run-dir {run.store.url}` to drop it, then `dldr train`")
+        raise DldrError(
+            f"{run.store.abspath(SUBSPACE_STATE)} is not a saved phase 3 state ({problem}); re-run "
+            f"`dldr basis --run-dir {run.store.url}` to drop it, then `dldr train`"
+        )
     # resumed only under the same fingerprint, and only if epochs are left to run
     return state if state["fingerprint"] == fingerprint and state["epoch"] < run.cfg.subspace_epochs else None
 
@@ -471,15 +528,17 @@ def load_subspace(run: Run, model: nn.Module, held: dict[str, int] | None = None
     flat = FlatParams(trainable(model))
     stored = basis_report(store)["num_params"]
     if stored != flat.numel:
-        raise DldrError(f"the run's snapshots have {stored} parameters but {cfg.model} on {cfg.data} "
-                        f"has {flat.numel}; train with the --model and --data the run was sampled with")
+        raise DldrError(
+            f"the run's snapshots have {stored} parameters but {cfg.model} on {cfg.data} "
+            f"has {flat.numel}; train with the --model and --data the run was sampled with"
+        )
     shard = shard_slices(flat.numel, comm.world_size)[comm.rank]
     rows, mean = basis_shard(store, shard, comm.rank, comm.world_size, BASIS_DTYPES[cfg.basis_dtype], held)
     _commit(run)
     if run.main:  # P's shards from a phase 3 with another number of workers
-        store.remove_files(set(store.files(SHARDS)) - {shard_path(r, comm.world_size)
-                                                        for r in range(comm.world_size)})
-    start = mean if cfg.start == "mean" else start_point(store, cfg.start, shard)  # this rank's rows of w_start
+        store.remove_files(set(store.files(SHARDS)) - {shard_path(r, comm.world_size) for r in range(comm.world_size)})
+    # this rank's rows of w_start
+    start = mean if cfg.start == "mean" else snapshot_rows(store, 0 if cfg.start == "first" else -1, shard)
     flat.set(comm.all_gather_cat(torch.from_numpy(start).to(run.device)))
     return Subspace(basis_tensor(rows).to(run.device), shard, comm)
 
@@ -523,11 +582,18 @@ def train(run: Run) -> dict[str, Any]:
         bar.update((first_epoch - 1) * steps_per_epoch)
         for epoch in range(first_epoch, cfg.subspace_epochs + 1):
             losses = []
-            for step, (xb, yb) in enumerate(data.train_batches(batch_size, cfg.seed + 1, epoch,
-                                                               comm.rank, comm.world_size),
-                                            start=(epoch - 1) * steps_per_epoch + 1):
-                losses.append(_finite(_step(run, opt, net, xb, yb), "subspace", epoch,
-                                      "try --start mean, a smaller --dim or --optimizer pbfgs"))
+            for step, (xb, yb) in enumerate(
+                data.train_batches(batch_size, cfg.seed + 1, epoch, comm.rank, comm.world_size),
+                start=(epoch - 1) * steps_per_epoch + 1,
+            ):
+                losses.append(
+                    _finite(
+                        _step(run, opt, net, xb, yb),
+                        "subspace",
+                        epoch,
+                        "try --start mean, a smaller --dim or --optimizer pbfgs",
+                    )
+                )
                 if scheduler is not None:
                     scheduler.step()
                 run.session.after_step(step)
@@ -535,34 +601,63 @@ def train(run: Run) -> dict[str, Any]:
             if epoch == cfg.subspace_epochs:
                 recompute_batchnorm(run, model, data)
             stats = _optimizer_stats(opt, epoch * steps_per_epoch)
-            metrics = _epoch_metrics(run, model, data, losses, epoch=epoch, step=epoch * steps_per_epoch,
-                                     optimizer=cfg.optimizer, seconds=time.perf_counter() - start, **stats)
+            metrics = _epoch_metrics(
+                run,
+                model,
+                data,
+                losses,
+                epoch=epoch,
+                step=epoch * steps_per_epoch,
+                optimizer=cfg.optimizer,
+                seconds=time.perf_counter() - start,
+                **stats,
+            )
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", test_acc=f"{metrics['test_accuracy']:.4f}")
             run.log.log("train", **metrics)
             if run.main:
                 buffer = io.BytesIO()
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                            "fingerprint": fingerprint,
-                            "scheduler": scheduler.state_dict() if scheduler is not None else None}, buffer)
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "epoch": epoch,
+                        "fingerprint": fingerprint,
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    },
+                    buffer,
+                )
                 store.write_bytes(SUBSPACE_STATE, buffer.getvalue())
             run.session.report(metrics)
     test_acc = run.log.records[-1]["test_accuracy"]
     if run.main:
-        store.write_bytes(MODEL, safetensors_bytes({k: v.detach().cpu().contiguous()
-                                                    for k, v in model.state_dict().items()}))
+        store.write_bytes(
+            MODEL, safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        )
         store.write_bytes("plots/curves.png", plots.curves(run.log.records))
-    result = {"seconds": time.perf_counter() - start, "epochs": cfg.subspace_epochs, "test_accuracy": test_acc,
-              "line_search_failures": stats.get("line_search_failures", 0), "optimizer": cfg.optimizer,
-              "workers": comm.world_size, "resumed_after_epoch": first_epoch - 1, "basis_dtype": cfg.basis_dtype,
-              "memory": comm.all_gather_object(peak.figures(
-                  basis_rows=subspace.basis.shape[0],
-                  basis_bytes=subspace.basis.element_size() * subspace.basis.numel(), **held))}
+    result = {
+        "seconds": time.perf_counter() - start,
+        "epochs": cfg.subspace_epochs,
+        "test_accuracy": test_acc,
+        "line_search_failures": stats.get("line_search_failures", 0),
+        "optimizer": cfg.optimizer,
+        "workers": comm.world_size,
+        "resumed_after_epoch": first_epoch - 1,
+        "basis_dtype": cfg.basis_dtype,
+        "memory": comm.all_gather_object(
+            peak.figures(
+                basis_rows=subspace.basis.shape[0],
+                basis_bytes=subspace.basis.element_size() * subspace.basis.numel(),
+                **held,
+            )
+        ),
+    }
     run.log.finish("train", result)
     return result
 
 
-def closure(run: Run, opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor,
-            y: torch.Tensor) -> Callable[[], torch.Tensor]:
+def closure(
+    run: Run, opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> Callable[[], torch.Tensor]:
     """The batch loss, with its gradient when gradients are enabled: what ``opt.step`` calls."""
     x, y = run.inputs(x), y.to(run.device)
 
@@ -590,8 +685,12 @@ def _optimizer_stats(opt: torch.optim.Optimizer, steps: int) -> dict[str, float]
     state = next(iter(opt.state.values()), {})
     if "trials" not in state:
         return {}
-    return {"line_search_failures": state["line_search_failures"], "mean_trials": state["trials"] / steps,
-            "curvature_skips": state["curvature_skips"], "descent_resets": state["descent_resets"]}
+    return {
+        "line_search_failures": state["line_search_failures"],
+        "mean_trials": state["trials"] / steps,
+        "curvature_skips": state["curvature_skips"],
+        "descent_resets": state["descent_resets"],
+    }
 
 
 PHASE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {"sample": sample, "basis": basis, "train": train}

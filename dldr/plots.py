@@ -1,4 +1,5 @@
 """PNG figures of a run, drawn without pyplot so no display or global state is needed."""
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,12 @@ def explained_variance(eigvals: np.ndarray, dim: int) -> bytes:
     fig = Figure(figsize=(9, 3.5))
     ax_cum, ax_each = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     ax_cum.plot(k, ratio, marker=".")
-    ax_cum.set(xlabel="number of principal directions", ylabel="explained variance ratio", ylim=(0, 1.02),
-               title="DLDR: variance of the SGD trajectory")
+    ax_cum.set(
+        xlabel="number of principal directions",
+        ylabel="explained variance ratio",
+        ylim=(0, 1.02),
+        title="DLDR: variance of the SGD trajectory",
+    )
     positive = share > 0
     ax_each.semilogy(k[positive], share[positive], marker=".")
     ax_each.set(xlabel="principal direction", ylabel="share of the variance")

@@ -1,15 +1,20 @@
-"""The one module that knows Ray: phases 1 and 3 on Ray Train workers, phase 2 as Ray tasks.
+"""The one module that knows Ray: a command's phases in one Ray Train run.
 
 The driver connects to a cluster (``--address``, RAY_ADDRESS) or starts a local instance that
 listens on loopback only, checks that the cluster can place the workers and that every node
-sees the run directory, and then runs each phase: a ``TorchTrainer`` whose workers call the
-same ``dldr.phases`` functions as the in-process path, with a ``TorchComm`` over the process
-group Ray Train sets up (Gloo on CPU, NCCL on GPU) and a ``RaySession`` for progress,
-metrics and checkpoints; phase 2's per-shard passes run as one Ray task per shard.
+sees the run directory, and then runs one ``TorchTrainer`` whose workers call the same
+``dldr.phases`` functions as the in-process path, one phase after another, with a ``TorchComm``
+over the process group Ray Train sets up (Gloo on CPU, NCCL on GPU) and a ``RaySession`` for
+progress and checkpoints. Phase 2 runs on the same workers: each reads its own snapshot shard,
+and the shards' Grams are gathered over the process group (``dldr.basis.shard_map``). A
+worker group that fails restarts from its last checkpoint: inside phase 1 at its last epoch,
+after it at the last phase that finished (phase 3 resumes from subspace/state.pt).
 """
+
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -18,7 +23,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,7 @@ from dldr.store import CONFIG, RunStore
 from dldr.tracking import Tracking
 
 CHECKPOINTS = "checkpoints"
+PROGRESS = "progress.json"  # in each Ray Train checkpoint: see ``RaySession``
 CONNECT_TIMEOUT_S = 5.0
 # ray.train.report waits for the controller's next poll of the workers (2 s by default): with
 # a report per epoch that dominates short epochs, so a local instance polls more often.
@@ -54,6 +60,7 @@ class FailureInjection:
 
     For tests and chaos drills: a real process death that Ray Train must recover from.
     """
+
     rank: int
     step: int
     marker: str
@@ -61,28 +68,36 @@ class FailureInjection:
 
 # ---- the cluster -------------------------------------------------------------------------------
 
+
 def _loopback_only() -> None:
     """Make a local instance bind and advertise 127.0.0.1 only, for this process and its children."""
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # Ray reads the variable when it is imported, which has happened by now.
     from ray._private import ray_constants
+
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _check_reachable(address: str) -> None:
     if address.startswith("ray://"):
-        raise DldrError(f"--address {address} is a Ray Client address; give the cluster's GCS address "
-                        "host:port (6379 by default) instead")
+        raise DldrError(
+            f"--address {address} is a Ray Client address; give the cluster's GCS address "
+            "host:port (6379 by default) instead"
+        )
     if address.startswith(("http://", "https://")):
-        raise DldrError(f"--address {address} (or RAY_ADDRESS) is a dashboard address, which `dldr submit` takes; "
-                        "`dldr fit` takes the cluster's GCS address host:port (6379 by default)")
+        raise DldrError(
+            f"--address {address} (or RAY_ADDRESS) is a dashboard address, which `dldr submit` takes; "
+            "`dldr fit` takes the cluster's GCS address host:port (6379 by default)"
+        )
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except (OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
-        raise DldrError(f"cannot reach a Ray cluster at {address} ({reason}); start one with `ray start --head`, "
-                        "fix --address / RAY_ADDRESS, or leave both out to use a local Ray instance") from None
+        raise DldrError(
+            f"cannot reach a Ray cluster at {address} ({reason}); start one with `ray start --head`, "
+            "fix --address / RAY_ADDRESS, or leave both out to use a local Ray instance"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -116,9 +131,11 @@ def cluster(address: str, report: bool = True) -> Iterator[None]:
                 ray.init(address="local", _temp_dir=temp_dir, configure_logging=False, log_to_driver=True)
         except (ConnectionError, ray.exceptions.AuthenticationError) as e:
             first = str(e).strip().splitlines()[0]
-            raise DldrError(f"cannot connect to the Ray cluster at {address or 'a new local instance'}: {first}; "
-                            "check the address and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds the "
-                            "cluster's token") from None
+            raise DldrError(
+                f"cannot connect to the Ray cluster at {address or 'a new local instance'}: {first}; "
+                "check the address and that RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH holds the "
+                "cluster's token"
+            ) from None
         cleanup.callback(ray.shutdown)
         if report:
             cleanup.enter_context(_ray_report())
@@ -130,6 +147,7 @@ class _Report:
     """The log file of what Ray forwards other than the workers' own output: tracebacks of failed
     workers, the controller's and the raylet's notes. It is kept when an error line names it, or
     when a run that ended well had worker errors on the way; otherwise removed."""
+
     path: Path
     named: bool = False
 
@@ -176,8 +194,11 @@ def _ray_report() -> Iterator[None]:
         dispatcher.remove_handler("ray_print_logs")
         log.close()
         if errors and sys.exc_info()[0] is None:
-            print(f"dldr: the run ended well, but Ray reported errors on the way (a worker group that fails "
-                  f"resumes from its last checkpoint); Ray's report: {name}", file=sys.stderr)
+            print(
+                f"dldr: the run ended well, but Ray reported errors on the way (a worker group that fails "
+                f"resumes from its last checkpoint); Ray's report: {name}",
+                file=sys.stderr,
+            )
         elif not report.named:
             os.remove(name)
 
@@ -187,16 +208,20 @@ def check_placement(cfg: Config) -> None:
     total = ray.cluster_resources()
     cpus = total.get("CPU", 0)
     if cpus < cfg.workers * cfg.cpus_per_worker:
-        raise DldrError(f"--workers {cfg.workers} with {cfg.cpus_per_worker:g} CPUs each needs "
-                        f"{cfg.workers * cfg.cpus_per_worker:g} CPUs but the Ray cluster has {cpus:g}; "
-                        "lower --workers or --cpus-per-worker, or add nodes")
+        raise DldrError(
+            f"--workers {cfg.workers} with {cfg.cpus_per_worker:g} CPUs each needs "
+            f"{cfg.workers * cfg.cpus_per_worker:g} CPUs but the Ray cluster has {cpus:g}; "
+            "lower --workers or --cpus-per-worker, or add nodes"
+        )
     if cfg.device == "cuda":
         per_worker = _gpus_per_worker(cfg)
         gpus = total.get("GPU", 0)
         if gpus < cfg.workers * per_worker:
-            raise DldrError(f"--workers {cfg.workers} with {per_worker:g} GPUs each needs "
-                            f"{cfg.workers * per_worker:g} GPUs but the Ray cluster has {gpus:g}; "
-                            "lower --workers or --gpus-per-worker, or use --device cpu")
+            raise DldrError(
+                f"--workers {cfg.workers} with {per_worker:g} GPUs each needs "
+                f"{cfg.workers * per_worker:g} GPUs but the Ray cluster has {gpus:g}; "
+                "lower --workers or --gpus-per-worker, or use --device cpu"
+            )
 
 
 def _gpus_per_worker(cfg: Config) -> float:
@@ -213,16 +238,25 @@ def _check_visible(store: RunStore) -> None:
     """Every node must see the run directory the driver wrote (Ray's storage rule, checked up front)."""
     expected = store.checksum(CONFIG)
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    seen = ray.get([_config_checksum.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                    .remote(store.location) for n in nodes])
+    seen = ray.get(
+        [
+            _config_checksum.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(store.location)
+            for n in nodes
+        ]
+    )
     for node, checksum in zip(nodes, seen):
         if checksum != expected:
-            raise DldrError(f"the Ray workers on node {node['NodeManagerAddress']} do not see the run directory "
-                            f"{store.url} that this process wrote; use a --run-dir every node can reach "
-                            "(a shared file system, or s3://bucket/run)")
+            raise DldrError(
+                f"the Ray workers on node {node['NodeManagerAddress']} do not see the run directory "
+                f"{store.url} that this process wrote; use a --run-dir every node can reach "
+                "(a shared file system, or s3://bucket/run)"
+            )
 
 
-# ---- phases 1 and 3: Ray Train ------------------------------------------------------------------
+# ---- the phases: one Ray Train run -------------------------------------------------------------
+
 
 class _EpochLines:
     """tqdm's interface, printing one line per epoch: Ray forwards worker output line by line."""
@@ -236,8 +270,9 @@ class _EpochLines:
 
     def set_postfix(self, **values: str) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
-        print(f"{self.desc}: {self.n}/{self.total} steps, {shown}, {time.perf_counter() - self.start:.1f} s",
-              flush=True)
+        print(
+            f"{self.desc}: {self.n}/{self.total} steps, {shown}, {time.perf_counter() - self.start:.1f} s", flush=True
+        )
 
     def __enter__(self) -> _EpochLines:
         return self
@@ -247,33 +282,57 @@ class _EpochLines:
 
 
 class RaySession(phases.Session):
-    """Progress, metrics and checkpoints of a phase on a Ray Train worker."""
+    """Progress and checkpoints of the phases on a Ray Train worker.
+
+    Every checkpoint holds ``progress.json``: the phase it was taken in and the phases this Ray
+    Train run has finished, so that a restarted worker group skips those and resumes phase 1 from
+    the state saved with its last epoch.
+    """
 
     def __init__(self, rank: int, failure: FailureInjection | None = None):
         self.rank = rank
         self.failure = failure if failure and failure.rank == rank else None
+        self.phase = ""
+        self.completed: list[str] = []
+        self._saved: tuple[str, dict[str, Any]] | None = None  # (phase, state) of the checkpoint resumed from
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                progress = json.loads((Path(folder) / PROGRESS).read_text())
+                self.completed = list(progress["completed"])
+                if (Path(folder) / "state.pt").exists():
+                    self._saved = (
+                        progress["phase"],
+                        {
+                            "shared": torch.load(Path(folder) / "state.pt", weights_only=True),
+                            "rank": torch.load(Path(folder) / f"rank-{self.rank:05d}.pt", weights_only=True),
+                        },
+                    )
 
     def bar(self, desc: str, total: int, enabled: bool) -> Any:
         return _EpochLines(desc, total) if enabled else tqdm(total=total, disable=True)
 
     def restore(self) -> dict[str, Any] | None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return {"shared": torch.load(Path(folder) / "state.pt", weights_only=True),
-                    "rank": torch.load(Path(folder) / f"rank-{self.rank:05d}.pt", weights_only=True)}
+        return self._saved[1] if self._saved and self._saved[0] == self.phase else None
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None = None) -> None:
-        if state is None:
-            ray.train.report(metrics)
-            return
+        if state is not None:  # metrics alone go to metrics.jsonl and the trackers, not to Ray
+            self._checkpoint(metrics, f"{self.phase}-epoch-{metrics['epoch']:05d}", state)
+
+    def finished(self, phase: str) -> None:
+        """Record that ``phase`` ended, so that a restarted worker group goes on after it."""
+        self.completed.append(phase)
+        self._checkpoint({"finished": phase}, f"{phase}-finished")
+
+    def _checkpoint(self, metrics: dict[str, Any], name: str, state: dict[str, Any] | None = None) -> None:
         with tempfile.TemporaryDirectory() as folder:
+            if state is not None:
+                if self.rank == 0:
+                    torch.save(state["shared"], Path(folder) / "state.pt")
+                torch.save(state["rank"], Path(folder) / f"rank-{self.rank:05d}.pt")
             if self.rank == 0:
-                torch.save(state["shared"], Path(folder) / "state.pt")
-            torch.save(state["rank"], Path(folder) / f"rank-{self.rank:05d}.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=f"epoch-{metrics['epoch']:05d}")
+                (Path(folder) / PROGRESS).write_text(json.dumps({"phase": self.phase, "completed": self.completed}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
 
     def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -285,16 +344,32 @@ class RaySession(phases.Session):
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    """What every Ray Train worker runs: one phase over this worker's rank of the process group."""
+    """What every Ray Train worker runs: the command's phases, on this worker's rank of the process group."""
     logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs every report at INFO
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     comm = TorchComm(device)
-    run = phases.Run(Config.from_dict(config["config"]), RunStore(config["location"], owner=comm.rank == 0),
-                     comm=comm, progress=config["progress"], device=device,
-                     session=RaySession(comm.rank, config["failure"]), tracking=Tracking(**config["tracking"]))
-    phases.PHASE_FUNCTIONS[config["phase"]](run)
+    session = RaySession(comm.rank, config["failure"])
+    run = phases.Run(
+        Config.from_dict(config["config"]),
+        RunStore(config["location"], owner=comm.rank == 0),
+        comm=comm,
+        progress=config["progress"],
+        device=device,
+        session=session,
+        tracking=Tracking(**config["tracking"]),
+    )
+    names = config["phases"]
+    for name in names:
+        if name in session.completed:
+            continue
+        session.phase = name
+        phases.PHASE_FUNCTIONS[name](run)
+        if name != names[-1]:
+            run.barrier()  # rank 0 has entered the phase's files in the manifest
+            run.store.reload()
+            session.finished(name)
 
 
 def _worker_error(error: Exception, phase: str, run_dir: str) -> DldrError:
@@ -312,8 +387,10 @@ def _worker_error(error: Exception, phase: str, run_dir: str) -> DldrError:
                 cause = cause.__cause__
     lines = [[line.strip() for line in str(f).splitlines() if line.strip()] for f in failures]
     # a killed worker fails its group twice: it died, and its peers lost their connection to it
-    died = next((line for text in lines for line in text
-                 if "worker process has died" in line or "actor died" in line.lower()), None)
+    died = next(
+        (line for text in lines for line in text if "worker process has died" in line or "actor died" in line.lower()),
+        None,
+    )
     if died:
         what = f"a Ray Train worker died ({died.split('. ')[0].rstrip('.')})"
     else:
@@ -322,75 +399,45 @@ def _worker_error(error: Exception, phase: str, run_dir: str) -> DldrError:
     if _report is not None:
         _report.named = True
         report = f"; Ray's report: {_report.path}"
-    return DldrError(f"phase {phase}: {what}; give --max-failures N to let the phase restart from its last "
-                     f"checkpoint, or run `dldr {phase} --run-dir {run_dir}` again{report}")
+    return DldrError(
+        f"phase {phase}: {what}; give --max-failures N to let the phase restart from its last "
+        f"checkpoint, or run `dldr {phase} --run-dir {run_dir}` again{report}"
+    )
 
 
-def _train_phase(run: phases.Run, phase: str, failure: FailureInjection | None) -> None:
+def run_phases(run: phases.Run, names: list[str], failure: FailureInjection | None = None) -> None:
+    """Run the phases ``names`` of ``run``, in order, in one Ray Train run on the connected cluster
+    (see ``cluster``)."""
     cfg = run.cfg
+    check_placement(cfg)
+    _check_visible(run.store)
     use_gpu = cfg.device == "cuda"
     per_worker = {"CPU": cfg.cpus_per_worker, **({"GPU": _gpus_per_worker(cfg)} if use_gpu else {})}
     scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+    command = "fit" if len(names) > 1 else names[0]
     run_config = ray.train.RunConfig(
-        name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=f"{run.store.location}/{CHECKPOINTS}",
+        name=f"{command}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=f"{run.store.location}/{CHECKPOINTS}",
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"))
-    loop_config = {"config": asdict(cfg), "location": run.store.location, "phase": phase,
-                   "progress": run.progress, "failure": failure, "tracking": asdict(run.tracking)}
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+    )
+    loop_config = {
+        "config": asdict(cfg),
+        "location": run.store.location,
+        "phases": names,
+        "progress": run.progress,
+        "failure": failure,
+        "tracking": asdict(run.tracking),
+    }
     trainer = TorchTrainer(_worker_loop, train_loop_config=loop_config, scaling_config=scaling, run_config=run_config)
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise _worker_error(e, phase, run.store.url) from None
+        run.store.reload()
+        finished = RunLog(run.store).summary["phases"]
+        failed = next((name for name in names if name not in finished), names[0])
+        raise _worker_error(e, failed, run.store.url) from None
     finally:
         run.store.reload()
         run.log = RunLog(run.store, run.tracking)
-
-
-# ---- phase 2: Ray tasks -------------------------------------------------------------------------
-
-@ray.remote(num_cpus=1)
-def _shard_task(location: str, fn: Callable[..., Any], args: tuple) -> tuple[Any, dict, dict]:
-    store = RunStore(location, owner=False)
-    return fn(store, *args), store.take_journal(), dict(store.bytes_read)
-
-
-class RayShardMap:
-    """Runs phase 2's per-shard passes as Ray tasks, one per shard; the driver records their files.
-
-    ``bytes_read`` keeps, per pass and shard, the bytes each task read from each file.
-    """
-
-    def __init__(self, store: RunStore, on_pass: Callable[[], object] = lambda: None):
-        self.store, self.on_pass = store, on_pass
-        self.bytes_read: list[list[dict[str, int]]] = []
-
-    def __call__(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
-        pending = [_shard_task.remote(self.store.location, fn, a) for a in args]
-        refs = list(pending)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for _ in done:
-                self.on_pass()
-        try:
-            outputs = ray.get(refs)
-        except ray.exceptions.RayTaskError as e:
-            raise _worker_error(e, "basis", self.store.url) from None
-        self.store.record({rel: entry for _, journal, _ in outputs for rel, entry in journal.items()})
-        self.bytes_read.append([reads for _, _, reads in outputs])
-        return [value for value, _, _ in outputs]
-
-
-# ---- the driver ---------------------------------------------------------------------------------
-
-def run_phases(run: phases.Run, names: list[str], failure: FailureInjection | None = None) -> None:
-    """Run the named phases of ``run`` on the connected cluster (see ``cluster``)."""
-    check_placement(run.cfg)
-    _check_visible(run.store)
-    for name in names:
-        if name == "basis":
-            run.shard_map = RayShardMap
-            phases.basis(run)
-        else:
-            _train_phase(run, name, failure)

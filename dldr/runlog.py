@@ -4,6 +4,7 @@ Phases run in order, so re-running one (``dldr basis --dim 20``) drops what it a
 after it had logged: the log always describes the artifacts in the run directory. Only the
 process that owns the run's manifest (rank 0) writes the log; other ranks keep it in memory.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ class RunLog:
                 self.summary = _summary(store.read_bytes(SUMMARY))
         except (ValueError, TypeError) as e:  # JSON and Unicode errors are ValueErrors
             self.records, self.summary = [], {"test_accuracy": None, "phases": {}}
-            self.damage = f"the log of {store.url} is damaged ({e}); re-run `dldr sample --run-dir {store.url}`, " \
-                          "which writes it anew"
+            self.damage = (
+                f"the log of {store.url} is damaged ({e}); re-run `dldr sample --run-dir {store.url}`, "
+                "which writes it anew"
+            )
         except DldrError as e:
             self.damage = str(e)
 
@@ -49,9 +52,12 @@ class RunLog:
 
     def begin(self, phase: str, resume_after_epoch: int = 0) -> None:
         """Drop what this phase and later ones logged, except the epochs a resumed phase keeps."""
-        stale = set(PHASES[PHASES.index(phase):])
-        self.records = [r for r in self.records if r["phase"] not in stale
-                        or (r["phase"] == phase and 0 < r.get("epoch", 0) <= resume_after_epoch)]
+        stale = set(PHASES[PHASES.index(phase) :])
+        self.records = [
+            r
+            for r in self.records
+            if r["phase"] not in stale or (r["phase"] == phase and 0 < r.get("epoch", 0) <= resume_after_epoch)
+        ]
         self.summary["phases"] = {k: v for k, v in self.summary["phases"].items() if k not in stale}
         if self.store.owner:  # a phase that stops now must not look finished
             self._write_metrics()

@@ -15,6 +15,7 @@ step t (counted from 0) is
 Milestones are fractions of the phase, so one schedule fits a phase of any length; the paper's
 step schedule decays once, by 0.1, two thirds of the way (epoch 100 of 150).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -10,6 +10,7 @@
 Both size their first linear layer by the image size they are created for; the smallest image
 they take is 12 x 12 (``lenet5``) and 4 x 4 (``cnn_pool``).
 """
+
 from __future__ import annotations
 
 from timm.models import register_model
@@ -25,11 +26,18 @@ class LeNet5(nn.Module):
         if h < 1 or w < 1:
             raise ValueError(f"lenet5 needs images of at least 12 x 12, got {img_size[0]} x {img_size[1]}")
         self.features = nn.Sequential(
-            nn.Conv2d(in_chans, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+            nn.Conv2d(in_chans, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
         self.num_classes = num_classes
-        self.head = nn.Sequential(nn.Linear(16 * h * w, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-                                  nn.Linear(84, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(16 * h * w, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes)
+        )
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -59,14 +67,16 @@ def _no_weights(name: str, pretrained: bool) -> None:
 
 # timm's create_model passes keyword arguments of its own (pretrained_cfg, ...); they are ignored.
 @register_model
-def lenet5(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1,
-           img_size: tuple[int, int] = (28, 28), **kwargs) -> LeNet5:
+def lenet5(
+    pretrained: bool = False, num_classes: int = 10, in_chans: int = 1, img_size: tuple[int, int] = (28, 28), **kwargs
+) -> LeNet5:
     _no_weights("lenet5", pretrained)
     return LeNet5(in_chans, num_classes, tuple(img_size))
 
 
 @register_model
-def cnn_pool(pretrained: bool = False, num_classes: int = 10, in_chans: int = 1,
-             img_size: tuple[int, int] = (28, 28), **kwargs) -> PoolCNN:
+def cnn_pool(
+    pretrained: bool = False, num_classes: int = 10, in_chans: int = 1, img_size: tuple[int, int] = (28, 28), **kwargs
+) -> PoolCNN:
     _no_weights("cnn_pool", pretrained)
     return PoolCNN(in_chans, num_classes, tuple(img_size))

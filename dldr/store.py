@@ -4,20 +4,19 @@ A file is written to a temporary name and renamed into place (on object stores, 
 already atomic, it is written under its final name), and only then recorded in
 ``manifest.json``, which is itself replaced atomically. Readers check the recorded checksum and
 name the file when it does not match, so a torn or corrupted file is never used silently.
-Arrays are .npy files read with ``allow_pickle=False``; large ones can be read and written in
-row blocks so no process needs a whole snapshot matrix in memory.
+Arrays are .npy files read with ``allow_pickle=False``; large ones can be read in row blocks so
+no process needs a whole snapshot matrix in memory.
 
 The checksum is XXH3-128: it guards against torn and corrupted files (an adversary who can
 change a file can change manifest.json too), and phase 2 checks every snapshot byte, where
-sha256 cost as much CPU as the read itself (benchmarks/README.md, basis). Entries that earlier
-versions recorded with sha256 are still verified with sha256.
+sha256 cost as much CPU as the read itself (benchmarks/README.md, basis).
 """
+
 from __future__ import annotations
 
 import contextlib
 import errno
 import functools
-import hashlib
 import io
 import json
 import os
@@ -42,15 +41,21 @@ from dldr.errors import DldrError
 
 MANIFEST = "manifest.json"
 # the manifest key of each checksum a reader verifies; new files get the first
-CHECKSUMS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+CHECKSUMS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128}
 CHECKSUM = next(iter(CHECKSUMS))
 # O_DIRECT reads need offsets, lengths and buffer addresses in multiples of the device's logical
 # block size; a page is a multiple of every common one.
 ALIGN = 4096
 
 # Which command writes the files under each top-level folder, for "re-run X" advice.
-_WRITER = {"snapshots": "dldr sample", "basis": "dldr basis", "data": "dldr sample", "subspace": "dldr basis",
-           "metrics.jsonl": "dldr sample", "summary.json": "dldr sample"}
+_WRITER = {
+    "snapshots": "dldr sample",
+    "basis": "dldr basis",
+    "data": "dldr sample",
+    "subspace": "dldr basis",
+    "metrics.jsonl": "dldr sample",
+    "summary.json": "dldr sample",
+}
 # What dldr writes into a run directory: a file there that the manifest does not list (a crash
 # came between its rename and its record) is a leftover, and so is any temporary file.
 OWN_FOLDERS = ("snapshots/", "basis/", "subspace/", "plots/", "data/", "tensorboard/")
@@ -76,8 +81,10 @@ def open_fs(url: str) -> tuple[Any, str]:
     try:
         fs, root = fsspec.core.url_to_fs(url)
     except ImportError as e:
-        raise DldrError(f"--run-dir {url} needs a package that is not installed ({e}); install it "
-                        "(s3://: pip install \"dldr[s3]\"), or use a local path") from None
+        raise DldrError(
+            f"--run-dir {url} needs a package that is not installed ({e}); install it "
+            '(s3://: pip install "dldr[s3]"), or use a local path'
+        ) from None
     except ValueError as e:
         raise DldrError(f"--run-dir {url}: {e}; use a local path or an fsspec URL such as s3://bucket/run") from None
     return (fs, root) if isinstance(fs, LocalFileSystem) else (_Guarded(fs, url), root)
@@ -112,6 +119,7 @@ class _Guarded:
             with self._translated():
                 result = attr(*args, **kwargs)
             return _Guarded(result, self._url) if isinstance(result, io.IOBase) else result
+
         return call
 
     def __enter__(self) -> _Guarded:
@@ -129,9 +137,12 @@ class _Guarded:
             raise
         except _client_errors() as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DldrError(f"the object store of {self._url} failed ({reason}); check its endpoint "
-                            "(AWS_ENDPOINT_URL), the credentials and the network, then run the command again "
-                            "(the files completed so far are kept)") from None
+            raise DldrError(
+                f"the object store of {self._url} failed ({reason}); check its endpoint "
+                "(AWS_ENDPOINT_URL), the credentials and the network, then run the command again "
+                "(the files completed so far are kept)"
+            ) from None
+
 
 def confine(rel: Any, where: str) -> str:
     """``rel`` if it is a normalised relative path inside the run directory; else one line that says so.
@@ -139,10 +150,20 @@ def confine(rel: Any, where: str) -> str:
     Names come from manifest.json and a job's metadata, which anyone with the run directory can
     edit: ``basis/../../victim`` must never reach a delete or a write.
     """
-    if (not isinstance(rel, str) or not rel or "\\" in rel or "\0" in rel or rel.startswith("/")
-            or posixpath.normpath(rel) != rel or rel == ".." or rel.startswith("../")):
-        raise DldrError(f"{where} names {rel!r}, which is not a path inside the run directory; the run directory "
-                        "was altered: restore it from a copy, or start a new run with `dldr fit`")
+    if (
+        not isinstance(rel, str)
+        or not rel
+        or "\\" in rel
+        or "\0" in rel
+        or rel.startswith("/")
+        or posixpath.normpath(rel) != rel
+        or rel == ".."
+        or rel.startswith("../")
+    ):
+        raise DldrError(
+            f"{where} names {rel!r}, which is not a path inside the run directory; the run directory "
+            "was altered: restore it from a copy, or start a new run with `dldr fit`"
+        )
     return rel
 
 
@@ -182,7 +203,7 @@ class RunStore:
     """A run directory at a local path or any fsspec URL (``memory://run``, ``s3://bucket/run``).
 
     One process owns ``manifest.json``. Other processes writing into the same run (the ranks
-    of a distributed phase, Ray tasks) open it with ``owner=False``: their files are written
+    of a distributed phase) open it with ``owner=False``: their files are written
     the same way, but their manifest entries collect in ``journal`` for the owner to
     ``record``, so the manifest never has two writers. Commands that write hold ``lock``.
 
@@ -222,8 +243,10 @@ class RunStore:
                 _check_entry(entry)
         except (ValueError, KeyError, TypeError) as e:  # JSON and Unicode errors are ValueErrors
             reason = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0] or type(e).__name__
-            raise DldrError(f"{where} is damaged ({reason}); restore the run directory from a copy, "
-                            "or start a new run with `dldr fit`") from None
+            raise DldrError(
+                f"{where} is damaged ({reason}); restore the run directory from a copy, "
+                "or start a new run with `dldr fit`"
+            ) from None
         self.manifest = files
 
     @property
@@ -250,8 +273,9 @@ class RunStore:
         num_shards = len(by_shard)
         expected = [shard_name(r, num_shards) for r in range(num_shards)]
         if sorted(by_shard) != expected:
-            raise DldrError(f"{self.url} has snapshot folders {sorted(by_shard)}, expected {expected}; "
-                            "re-run `dldr sample`")
+            raise DldrError(
+                f"{self.url} has snapshot folders {sorted(by_shard)}, expected {expected}; re-run `dldr sample`"
+            )
         steps = [[posixpath.basename(rel) for rel in by_shard[name]] for name in expected]
         if any(s != steps[0] for s in steps):
             raise DldrError(f"the snapshot shards of {self.url} hold different steps; re-run `dldr sample`")
@@ -259,8 +283,10 @@ class RunStore:
             for rel in rels:
                 shape = self.manifest[rel].get("shape")
                 if not shape or len(shape) != 1:
-                    raise DldrError(f"manifest.json of {self.url} records the shape {shape} for {rel}, not that of a "
-                                    "snapshot; re-run `dldr sample`")
+                    raise DldrError(
+                        f"manifest.json of {self.url} records the shape {shape} for {rel}, not that of a "
+                        "snapshot; re-run `dldr sample`"
+                    )
         return [by_shard[name] for name in expected]
 
     # ---- writing ---------------------------------------------------------------------------
@@ -401,19 +427,6 @@ class RunStore:
         with self.writer(rel, shape=list(array.shape), dtype=array.dtype.str) as f:
             np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
-    @contextlib.contextmanager
-    def array_writer(self, rel: str, shape: tuple[int, ...], dtype: np.dtype) -> Iterator[RowWriter]:
-        """Write a C-ordered array of ``shape`` block by block, for arrays too big to hold."""
-        dtype = np.dtype(dtype)
-        with self.writer(rel, shape=list(shape), dtype=dtype.str) as f:
-            header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                      "shape": tuple(shape)}
-            np.lib.format.write_array_header_1_0(f, header)
-            w = RowWriter(f, shape, dtype)
-            yield w
-            if w.rows != shape[0]:
-                raise RuntimeError(f"{rel}: wrote {w.rows} of {shape[0]} rows")
-
     # ---- the run directory as a whole -------------------------------------------------------
 
     def sweep(self) -> list[str]:
@@ -442,8 +455,9 @@ class RunStore:
                     data = self.read_bytes(rel)
                     algorithm = self.checksum_algorithm(rel)
                     digest = CHECKSUMS[algorithm](data).hexdigest()
-                    self.manifest[rel] = next(e for e in (_settled(entry), entry[PENDING])
-                                              if e.get(algorithm) == digest)
+                    self.manifest[rel] = next(
+                        e for e in (_settled(entry), entry[PENDING]) if e.get(algorithm) == digest
+                    )
                     settled = True
         if settled:
             with self._lock:
@@ -459,8 +473,12 @@ class RunStore:
         with its holder and a heartbeat; one whose holder died stays until it is deleted, and
         the refusal says how old its heartbeat is.
         """
-        holder = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        holder = {
+            "command": command,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         if self.local:
             with _flock(self.root, holder, self.url):
                 yield
@@ -494,8 +512,9 @@ class RunStore:
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError as e:
             what = {errno.ELOOP: "is a symbolic link", errno.ENOENT: "is missing from the run directory"}
-            raise DldrError(f"{path} {what.get(e.errno, f'cannot be read ({e.strerror})')}; "
-                            f"{self._advice(rel)}") from None
+            raise DldrError(
+                f"{path} {what.get(e.errno, f'cannot be read ({e.strerror})')}; {self._advice(rel)}"
+            ) from None
         info = os.fstat(fd)
         problem = None
         if not stat.S_ISREG(info.st_mode):
@@ -512,8 +531,10 @@ class RunStore:
         """The manifest key of the checksum ``rel`` was recorded with."""
         algorithm = next((key for key in CHECKSUMS if key in self.manifest[rel]), None)
         if algorithm is None:
-            raise DldrError(f"manifest.json of {self.url} records no checksum ({' or '.join(CHECKSUMS)}) for {rel}; "
-                            f"{self._advice(rel)}")
+            raise DldrError(
+                f"manifest.json of {self.url} records no checksum ({' or '.join(CHECKSUMS)}) for {rel}; "
+                f"{self._advice(rel)}"
+            )
         return algorithm
 
     def checksum(self, rel: str) -> str:
@@ -523,8 +544,10 @@ class RunStore:
     def _check(self, rel: str, digest: str) -> None:
         algorithm = self.checksum_algorithm(rel)
         if digest not in (self.checksum(rel), self.manifest[rel].get(PENDING, {}).get(algorithm)):
-            raise DldrError(f"{self.abspath(rel)} is corrupt (its {algorithm} checksum does not "
-                            f"match manifest.json); {self._advice(rel)}")
+            raise DldrError(
+                f"{self.abspath(rel)} is corrupt (its {algorithm} checksum does not "
+                f"match manifest.json); {self._advice(rel)}"
+            )
 
     def read_bytes(self, rel: str) -> bytes:
         with self._open(rel) as f:
@@ -600,8 +623,10 @@ def _fsync_dir(path: str) -> None:
 
 
 def _describe(holder: dict[str, Any]) -> str:
-    return (f"`{holder.get('command', 'dldr')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-            f"since {holder.get('since', '?')})")
+    return (
+        f"`{holder.get('command', 'dldr')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+        f"since {holder.get('since', '?')})"
+    )
 
 
 @contextlib.contextmanager
@@ -626,8 +651,9 @@ def _flock(root: str, holder: dict[str, Any], url: str) -> Iterator[None]:
                 other = _describe(json.loads(text))
             except ValueError:
                 other = "another dldr command"
-            raise DldrError(f"{url} is in use by {other}; wait for it to end (or stop it), then run this "
-                            "again") from None
+            raise DldrError(
+                f"{url} is in use by {other}; wait for it to end (or stop it), then run this again"
+            ) from None
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino:
                 break  # else the holder before us removed the file as we opened it: take the new one
@@ -668,9 +694,11 @@ def _object_lock(store: RunStore, holder: dict[str, Any]) -> Iterator[None]:
         except (DldrError, OSError, ValueError, KeyError, TypeError):
             other, age = {}, float("inf")
         stale = "; its holder is likely gone" if age > STALE_LOCK_S else ""
-        raise DldrError(f"{store.url} is in use by {_describe(other)} (last heartbeat {age:.0f} s ago{stale}); "
-                        "wait for it to end, "
-                        f"or, if that process is gone, delete {store.url}/{LOCK} and run this again") from None
+        raise DldrError(
+            f"{store.url} is in use by {_describe(other)} (last heartbeat {age:.0f} s ago{stale}); "
+            "wait for it to end, "
+            f"or, if that process is gone, delete {store.url}/{LOCK} and run this again"
+        ) from None
     stop = threading.Event()
 
     def beat() -> None:
@@ -690,8 +718,10 @@ def _object_lock(store: RunStore, holder: dict[str, Any]) -> Iterator[None]:
 
 
 # The header numpy writes for a plain array: its dict's repr, padded with spaces to a line ending
-_NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (True|False), "
-                         r"'shape': \(((?:\d+, )*\d+,?|)\), \} *\n")
+_NPY_HEADER = re.compile(
+    r"\{'descr': '([<>|=]?[a-zA-Z]\d*)', 'fortran_order': (True|False), "
+    r"'shape': \(((?:\d+, )*\d+,?|)\), \} *\n"
+)
 
 
 def _parse_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -720,8 +750,10 @@ def _array_header(f: BinaryIO, size: int, path: str, advice: str) -> tuple[tuple
     if fortran or dtype.hasobject or dtype.itemsize == 0:
         raise DldrError(f"{path} is not a plain C-ordered numeric array; {advice}")
     if int(np.prod(shape, dtype=object)) * dtype.itemsize != size - f.tell():
-        raise DldrError(f"{path}'s header claims a {dtype} array of shape {shape}, which its "
-                        f"{size - f.tell()} bytes of data do not hold; {advice}")
+        raise DldrError(
+            f"{path}'s header claims a {dtype} array of shape {shape}, which its "
+            f"{size - f.tell()} bytes of data do not hold; {advice}"
+        )
     return tuple(shape), dtype
 
 
@@ -735,8 +767,7 @@ def paged_buffer(count: int, row_bytes: int) -> np.ndarray:
     return np.empty(count * _whole_pages(row_bytes + ALIGN) + ALIGN, dtype=np.uint8)
 
 
-def paged_rows(count: int, row_bytes: int, offset: int,
-               raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def paged_rows(count: int, row_bytes: int, offset: int, raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``count`` page-aligned uint8 rows, and in each the ``row_bytes`` that start at ``offset % ALIGN``.
 
     A ``RowReader`` at file offset ``offset`` reads into such a row past the page cache
@@ -749,20 +780,8 @@ def paged_rows(count: int, row_bytes: int, offset: int,
     if raw.size < count * stride + ALIGN:
         raise ValueError(f"a buffer of {raw.size} bytes cannot hold {count} rows of {row_bytes} bytes")
     first = -raw.ctypes.data % ALIGN
-    pages = raw[first:first + count * stride].reshape(count, stride)
-    return pages, pages[:, lead:lead + row_bytes]
-
-
-class RowWriter:
-    def __init__(self, f: _HashingFile, shape: tuple[int, ...], dtype: np.dtype):
-        self.f, self.shape, self.dtype, self.rows = f, shape, dtype, 0
-
-    def write(self, block: np.ndarray) -> None:
-        block = np.ascontiguousarray(block, dtype=self.dtype)
-        if block.shape[1:] != tuple(self.shape[1:]):
-            raise ValueError(f"block of shape {block.shape} for an array of shape {self.shape}")
-        self.f.write(block.tobytes())
-        self.rows += block.shape[0]
+    pages = raw[first : first + count * stride].reshape(count, stride)
+    return pages, pages[:, lead : lead + row_bytes]
 
 
 def _open_direct(path: str) -> int | None:
@@ -861,8 +880,9 @@ class RowReader:
         end = min(len(page), _whole_pages(lead + len(view)))
         target, filled = memoryview(page)[:end], 0
         try:
-            while filled < lead + len(view) and (n := os.preadv(self._direct, [target[filled:]],
-                                                                 self.offset - lead + filled)):
+            while filled < lead + len(view) and (
+                n := os.preadv(self._direct, [target[filled:]], self.offset - lead + filled)
+            ):
                 filled += n
         except OSError:  # the file system refused this read: read it, and the rest of the file, through the cache
             os.close(self._direct)

@@ -4,6 +4,7 @@ Rank r holds only its rows P_r of the basis. A gradient is projected as the all-
 P_r^T g_r, so every rank sees the same d coordinates; a coordinate step is lifted to parameter
 space as the all-gather of the slices P_r p.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,7 +16,6 @@ from dldr.comm import Comm, LocalComm
 PROJECT_BLOCK_ROWS = 256  # float32 sums this short stay at the inputs' own rounding
 # rows of a bfloat16 P widened to float32 at a time: 10 MB at d = 40, a multiple of PROJECT_BLOCK_ROWS
 WIDEN_ROWS = 1 << 16
-
 
 
 class Subspace:

@@ -8,6 +8,7 @@ logs the plots, the basis report and the summary as artifacts and ends the run (
 TensorBoard's event files go into the run directory's ``tensorboard/`` folder, each process its
 own file, written through the store like every other file (so to S3 too).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,6 +34,7 @@ ARTIFACTS = ("summary.json", "basis/report.json", "plots/curves.png", "plots/exp
 @dataclass
 class Tracking:
     """Where a command's records go besides metrics.jsonl; the driver passes it to every phase's rank 0."""
+
     trackers: tuple[str, ...] = ()
     mlflow_uri: str = ""
     mlflow_run_id: str = ""
@@ -49,7 +51,7 @@ def check(cfg: Config) -> None:
             else:
                 import tensorboard  # noqa: F401
         except ImportError:
-            raise DldrError(f"--tracker {name} needs the {name} package; pip install \"dldr[{name}]\"") from None
+            raise DldrError(f'--tracker {name} needs the {name} package; pip install "dldr[{name}]"') from None
 
 
 def _mlflow_uri() -> str:
@@ -80,13 +82,18 @@ def start(cfg: Config, store: RunStore, command: str) -> Tracking:
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
         experiment = client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
-        run = client.create_run(experiment_id, run_name=posixpath.basename(store.url.rstrip("/")),
-                                tags={"dldr.run_dir": store.url, "dldr.command": command})
+        run = client.create_run(
+            experiment_id,
+            run_name=posixpath.basename(store.url.rstrip("/")),
+            tags={"dldr.run_dir": store.url, "dldr.command": command},
+        )
         params = [Param(k, str(v)) for k, v in dataclasses.asdict(cfg).items()]
         client.log_batch(run.info.run_id, params=params)
     except MlflowException as e:
-        raise DldrError(f"--tracker mlflow cannot log to {uri} ({str(e).splitlines()[0]}); check "
-                        "MLFLOW_TRACKING_URI, or leave it unset to log to ./mlflow.db") from None
+        raise DldrError(
+            f"--tracker mlflow cannot log to {uri} ({str(e).splitlines()[0]}); check "
+            "MLFLOW_TRACKING_URI, or leave it unset to log to ./mlflow.db"
+        ) from None
     return Tracking(cfg.trackers, uri, run.info.run_id)
 
 
@@ -125,8 +132,11 @@ def step(phase: str, record: dict[str, Any], sample_epochs: int) -> int:
 
 def scalars(phase: str, record: dict[str, Any]) -> dict[str, float]:
     """A record's numbers, named ``phase/key`` (the step and epoch are the axis, not metrics)."""
-    return {f"{phase}/{k}": float(v) for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("phase", "epoch", "step")}
+    return {
+        f"{phase}/{k}": float(v)
+        for k, v in record.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("phase", "epoch", "step")
+    }
 
 
 class Trackers:
@@ -153,8 +163,9 @@ class Trackers:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
-            self._client.log_batch(self.tracking.mlflow_run_id,
-                                   metrics=[Metric(k, v, now, at) for k, v in values.items()])
+            self._client.log_batch(
+                self.tracking.mlflow_run_id, metrics=[Metric(k, v, now, at) for k, v in values.items()]
+            )
         if self._writer is not None:
             for k, v in values.items():
                 self._writer.add_scalar(k, v, at)

@@ -19,8 +19,12 @@ def s3():
     credentials in the environment (set before Ray starts, so its workers see them). Yields a bucket's URL."""
     import s3fs
 
-    env = {"AWS_ENDPOINT_URL": None, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        "AWS_ENDPOINT_URL": None,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     before = {name: os.environ.get(name) for name in env}
     with s3_server() as (endpoint, _):
         os.environ.update({**env, "AWS_ENDPOINT_URL": endpoint})

@@ -1,5 +1,6 @@
 """Test helpers: trajectories with a known principal subspace, written as phase 1 would; small optimizer
 problems; a small run's flags; an S3 server on loopback."""
+
 import contextlib
 import re
 import socket
@@ -16,8 +17,21 @@ from dldr.params import shard_slices
 from dldr.store import RunStore, snapshot_path
 
 # a run of digits small enough for many tests: in this process, 3 epochs, d = 8, 2 subspace epochs
-SMALL = ["--workers", "0", "--sample-epochs", "3", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2",
-         "--subspace-batch-size", "128", "--quiet"]
+SMALL = [
+    "--workers",
+    "0",
+    "--sample-epochs",
+    "3",
+    "--snapshot-every",
+    "1",
+    "--dim",
+    "8",
+    "--subspace-epochs",
+    "2",
+    "--subspace-batch-size",
+    "128",
+    "--quiet",
+]
 
 
 # A line Ray's raylet forwards to the driver's stderr about the machine ("... is over 95% full"): Ray's, not dldr's.
@@ -91,8 +105,9 @@ def write_imagefolder(root, classes: int = 3, per_class: tuple[int, int] = (16, 
                 Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 2 else 'jpg'}")
 
 
-def write_idx_folder(root, train: int = 240, test: int = 60, size: int = 28, classes: int = 10,
-                     zipped: bool = True, seed: int = 0) -> dict[str, np.ndarray]:
+def write_idx_folder(
+    root, train: int = 240, test: int = 60, size: int = 28, classes: int = 10, zipped: bool = True, seed: int = 0
+) -> dict[str, np.ndarray]:
     """An MNIST-layout folder of IDX files (gzipped or raw) whose images a model can learn: each class
     lights its own square of the image. Returns the arrays written, by file name."""
     import gzip
@@ -107,9 +122,11 @@ def write_idx_folder(root, train: int = 240, test: int = 60, size: int = 28, cla
         cell = size // 4
         for i, label in enumerate(labels):
             r, c = divmod(int(label), 4)
-            images[i, r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] += 180
-        for name, array, magic in ((f"{prefix}-images-idx3-ubyte", images, 0x803),
-                                   (f"{prefix}-labels-idx1-ubyte", labels, 0x801)):
+            images[i, r * cell : (r + 1) * cell, c * cell : (c + 1) * cell] += 180
+        for name, array, magic in (
+            (f"{prefix}-images-idx3-ubyte", images, 0x803),
+            (f"{prefix}-labels-idx1-ubyte", labels, 0x801),
+        ):
             raw = struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.tobytes()
             path = root / (f"{name}.gz" if zipped else name)
             path.write_bytes(gzip.compress(raw) if zipped else raw)
@@ -124,7 +141,8 @@ def orthonormal(num_params: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 
 def bn_problem(device: str = "cpu"):
-    """A small BatchNorm model on ``device``, a batch (x, y), a float32 basis of 4 directions and the parameter count."""
+    """A small BatchNorm model on ``device``, a batch (x, y), a float32 basis of 4 directions and the
+    parameter count."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(device)
     x, y = torch.randn(32, 5).to(device), torch.randint(3, (32,)).to(device)
@@ -134,12 +152,14 @@ def bn_problem(device: str = "cpu"):
 
 def model_closure(opt, model, x, y):
     """The closure of a cross-entropy step: the loss, with its gradient unless a line-search trial."""
+
     def closure():
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         if torch.is_grad_enabled():
             loss.backward()
         return loss
+
     return closure
 
 
@@ -164,8 +184,11 @@ def free_port() -> int:
 def s3_server():
     """An S3-compatible server (moto's) in a process of its own on 127.0.0.1; yields its endpoint URL."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

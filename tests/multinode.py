@@ -10,6 +10,7 @@ metrics.jsonl shows an epoch of the phase, naming the node of rank 1. Writes wha
 OUT.json: per epoch the node of each rank, when the node was killed and when the first epoch after
 it was logged, and the checksums of the snapshots and the final weights.
 """
+
 import json
 import os
 import secrets
@@ -22,8 +23,19 @@ from pathlib import Path
 
 # Ray's failure detection, tightened from 5 missed checks 3 s apart so a lost node is seen within seconds
 FAST_DETECTION = {"health_check_period_ms": 500, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
-FIT = ["--workers", "2", "--max-failures", "1", "--quiet", "--sample-epochs", "8", "--subspace-epochs", "8",
-       "--subspace-batch-size", "128"]
+FIT = [
+    "--workers",
+    "2",
+    "--max-failures",
+    "1",
+    "--quiet",
+    "--sample-epochs",
+    "8",
+    "--subspace-epochs",
+    "8",
+    "--subspace-batch-size",
+    "128",
+]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -55,13 +67,21 @@ class NodeKiller(threading.Thread):
         victim = next(n for n in self.cluster.worker_nodes if n.node_id == before["nodes"][self.rank])
         self.cluster.remove_node(victim, allow_graceful=False)
         killed = time.monotonic()
-        self.seen = {"killed_after_epoch": before["epoch"], "killed_node": victim.node_id,
-                     "nodes_before": before["nodes"]}
+        self.seen = {
+            "killed_after_epoch": before["epoch"],
+            "killed_node": victim.node_id,
+            "nodes_before": before["nodes"],
+        }
         while not self.done.is_set():  # the first epoch the restarted worker group logs
-            after = [r for r in _records(self.run_dir) if r["phase"] == self.phase and r.get("nodes") != before["nodes"]]
+            after = [
+                r for r in _records(self.run_dir) if r["phase"] == self.phase and r.get("nodes") != before["nodes"]
+            ]
             if after:
-                self.seen.update(recovery_s=time.monotonic() - killed, resumed_at_epoch=after[0]["epoch"],
-                                 nodes_after=after[0]["nodes"])
+                self.seen.update(
+                    recovery_s=time.monotonic() - killed,
+                    resumed_at_epoch=after[0]["epoch"],
+                    nodes_after=after[0]["nodes"],
+                )
                 return
             time.sleep(0.05)
 
@@ -70,9 +90,12 @@ def _outcome(run_dir: Path) -> dict:
     from dldr.store import RunStore
 
     store = RunStore(str(run_dir))
-    return {"records": _records(run_dir), "summary": store.read_json("summary.json"),
-            "snapshots": {rel: store.checksum(rel) for rel in store.files("snapshots/")},
-            "model": store.checksum("model.safetensors")}
+    return {
+        "records": _records(run_dir),
+        "summary": store.read_json("summary.json"),
+        "snapshots": {rel: store.checksum(rel) for rel in store.files("snapshots/")},
+        "model": store.checksum("model.safetensors"),
+    }
 
 
 def main(out: str, work: str) -> None:
@@ -81,14 +104,22 @@ def main(out: str, work: str) -> None:
     # RAY_TMPDIR: Ray's "current cluster" file goes here too, not into the machine's /tmp/ray
     os.environ.update(RAY_TMPDIR=base, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     from ray._private import ray_constants
+
     ray_constants.ENABLE_RAY_CLUSTER = False  # every node on 127.0.0.1, as dldr's own local instance
     from ray.cluster_utils import Cluster
 
     from dldr.cli import main as dldr
 
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": f"{base}/head",
-        "_system_config": FAST_DETECTION})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 0,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "temp_dir": f"{base}/head",
+            "_system_config": FAST_DETECTION,
+        },
+    )
     added = 0
 
     def add_node() -> None:

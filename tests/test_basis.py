@@ -8,8 +8,8 @@ from dldr.basis import (
     GRAM_CHUNK_ROWS,
     basis_rows,
     build_basis,
-    column_runs,
     chunk_gram,
+    column_runs,
     shard_pass,
 )
 from dldr.errors import DldrError
@@ -43,7 +43,7 @@ def test_basis_is_top_singular_subspace_of_centred_snapshots(store, num_shards):
     np.testing.assert_allclose(np.abs(np.sum(basis * u[:, :dim], axis=0)), 1.0, atol=1e-5)
     np.testing.assert_allclose(basis.T.astype(np.float64) @ basis, np.eye(dim), atol=1e-5)
     np.testing.assert_allclose(store.load_array("basis/eigvals.npy")[:dim], s[:dim] ** 2, rtol=1e-8)
-    assert report.explained_variance_ratio == pytest.approx(np.sum(s[:dim] ** 2) / np.sum(s ** 2), rel=1e-7)
+    assert report.explained_variance_ratio == pytest.approx(np.sum(s[:dim] ** 2) / np.sum(s**2), rel=1e-7)
     assert report.orthonormality_error < 1e-5
     np.testing.assert_allclose(mean, stored.mean(axis=1), rtol=1e-6)
     # a phase 3 rank whose rows cross the shards' boundaries gets exactly those rows of P and m
@@ -180,7 +180,7 @@ def test_snapshot_blocks_are_the_files_rows_read_into_reused_memory(store, monke
     start, rows = 5, 100
     for block in dldr.basis.snapshot_blocks(store, store.snapshot_shards()[0], rows, slice(start, 2990)):
         # every row of a block comes from its own file, at the block's place, in memory read into before
-        np.testing.assert_array_equal(block, trajectory[start:start + block.shape[1]].T)
+        np.testing.assert_array_equal(block, trajectory[start : start + block.shape[1]].T)
         start += block.shape[1]
     assert start == 2990
     assert len(buffers) <= 4  # 30 blocks: the one in use, two read ahead, one being read

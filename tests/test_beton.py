@@ -1,4 +1,5 @@
 """ffcv .beton files: conversion of every source, all phases, the card checks, a pipeline that cannot hang."""
+
 import shutil
 import subprocess
 import sys
@@ -29,10 +30,14 @@ def converted(tmp_path_factory):
     write_imagefolder(root / "folder")
     write_cifar(root / "cifar", per_file=20)
     write_idx_folder(root / "mnist", train=64, test=16)
-    return {"imagefolder": _convert(f"imagefolder:{root / 'folder'}", root, "folder-"),
-            "cifar": _convert(f"cifar10:{root / 'cifar'}", root, "cifar-"),
-            "mnist": _convert(f"mnist:{root / 'mnist'}", root, "mnist-"),
-            "cifar_source": f"cifar10:{root / 'cifar'}", "mnist_source": f"mnist:{root / 'mnist'}", "root": root}
+    return {
+        "imagefolder": _convert(f"imagefolder:{root / 'folder'}", root, "folder-"),
+        "cifar": _convert(f"cifar10:{root / 'cifar'}", root, "cifar-"),
+        "mnist": _convert(f"mnist:{root / 'mnist'}", root, "mnist-"),
+        "cifar_source": f"cifar10:{root / 'cifar'}",
+        "mnist_source": f"mnist:{root / 'mnist'}",
+        "root": root,
+    }
 
 
 def test_a_converted_cifar_set_reads_back_the_same_images_and_labels(converted):
@@ -72,10 +77,37 @@ def test_training_labels_come_from_the_noisy_labels_by_index(converted):
 
 def test_imagefolder_beton_through_all_phases(converted, tmp_path):
     run_dir = str(tmp_path / "run")
-    assert main(["fit", "--run-dir", run_dir, "--workers", "0", "--data", converted["imagefolder"],
-                 "--image-size", "16", "--batch-size", "8", "--sample-epochs", "3", "--snapshot-every", "1",
-                 "--dim", "8", "--subspace-epochs", "2", "--loader-workers", "1", "--label-noise", "0.1",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--run-dir",
+                run_dir,
+                "--workers",
+                "0",
+                "--data",
+                converted["imagefolder"],
+                "--image-size",
+                "16",
+                "--batch-size",
+                "8",
+                "--sample-epochs",
+                "3",
+                "--snapshot-every",
+                "1",
+                "--dim",
+                "8",
+                "--subspace-epochs",
+                "2",
+                "--loader-workers",
+                "1",
+                "--label-noise",
+                "0.1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     store = RunStore(run_dir)
     summary = store.read_json("summary.json")
     assert summary["phases"]["sample"]["snapshots"] == 3 * 6 + 1
@@ -95,8 +127,13 @@ print("done")
 def test_the_cpu_pipeline_finishes_within_a_timeout(converted):
     """ffcv 1.0.2 hangs forever on a compiled -> torch -> compiled pipeline (issue #396); ours is
     compiled throughout, then torch. A hang fails here instead of stalling the suite."""
-    result = subprocess.run([sys.executable, "-c", PIPELINE.format(spec=converted["cifar"])],
-                            capture_output=True, text=True, timeout=240, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", PIPELINE.format(spec=converted["cifar"])],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]
 
 

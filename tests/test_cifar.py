@@ -1,4 +1,5 @@
 """CIFAR in the python-version layout: safe reading, clear errors, augmentation, all phases."""
+
 import pickle
 
 import numpy as np
@@ -68,18 +69,27 @@ def _by_label(batches):
 def test_augmented_batches_are_the_same_for_one_and_two_ranks():
     n = 64
     x = torch.randint(1, 256, (n, 3, 8, 8), dtype=torch.uint8)
-    data = TensorSource("toy", x, torch.arange(n), x[:1], torch.zeros(1, dtype=torch.long), n,
-                        Stats((0.0,) * 3, (1.0,) * 3), scale=1.0, augmentation="crop_flip")
+    data = TensorSource(
+        "toy",
+        x,
+        torch.arange(n),
+        x[:1],
+        torch.zeros(1, dtype=torch.long),
+        n,
+        Stats((0.0,) * 3, (1.0,) * 3),
+        scale=1.0,
+        augmentation="crop_flip",
+    )
     one = list(data.train_batches(16, seed=1, epoch=2))
     two = [list(data.train_batches(16, seed=1, epoch=2, rank=r, world_size=2)) for r in range(2)]
-    for step, (xb, yb) in enumerate(one):
+    for step, (_, yb) in enumerate(one):
         assert set(yb.tolist()) == set(two[0][step][1].tolist()) | set(two[1][step][1].tolist())
     expected, got = _by_label(one), _by_label(b for rank in two for b in rank)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     # each image is a crop of its zero-padded self, possibly mirrored
     padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4))
     for k, img in expected.items():
-        crops = [padded[k, :, dy:dy + 8, dx:dx + 8] for dy in range(9) for dx in range(9)]
+        crops = [padded[k, :, dy : dy + 8, dx : dx + 8] for dy in range(9) for dx in range(9)]
         assert any(torch.equal(img, c) or torch.equal(img, c.flip(-1)) for c in crops)
     assert not all(torch.equal(expected[k], x[k].float()) for k in expected)  # something was augmented
 
@@ -87,19 +97,48 @@ def test_augmented_batches_are_the_same_for_one_and_two_ranks():
 def test_cifar10_through_all_phases(tmp_path):
     write_cifar(tmp_path / "data")
     run_dir = str(tmp_path / "run")
-    assert main(["fit", "--run-dir", run_dir, "--workers", "0", "--model", "cifar_resnet20", "--data",
-                 f"cifar10:{tmp_path / 'data'}", "--batch-size", "50", "--sample-epochs", "3", "--snapshot-every",
-                 "1", "--dim", "4", "--subspace-epochs", "1", "--label-noise", "0.2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--run-dir",
+                run_dir,
+                "--workers",
+                "0",
+                "--model",
+                "cifar_resnet20",
+                "--data",
+                f"cifar10:{tmp_path / 'data'}",
+                "--batch-size",
+                "50",
+                "--sample-epochs",
+                "3",
+                "--snapshot-every",
+                "1",
+                "--dim",
+                "4",
+                "--subspace-epochs",
+                "1",
+                "--label-noise",
+                "0.2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     store = RunStore(run_dir)
     assert len(store.files("snapshots/")) == 3 * 4 + 1
     assert store.load_array("data/train_labels.npy").shape == (200,)
     assert store.read_json("summary.json")["phases"]["train"]["epochs"] == 1
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("cifar10", "unknown data set 'cifar10'"),
-    ("imagenet:/x", "unknown data set 'imagenet:/x'"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("cifar10", "unknown data set 'cifar10'"),
+        ("imagenet:/x", "unknown data set 'imagenet:/x'"),
+    ],
+)
 def test_wrong_data_syntax_is_named(spec, message):
     with pytest.raises(DldrError, match=message):
         datasets.load(spec)

@@ -1,4 +1,5 @@
 """cluster/: the launcher YAML against Ray's own cluster config schema, the KubeRay manifest's fields."""
+
 import copy
 import json
 from pathlib import Path

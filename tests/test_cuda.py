@@ -5,6 +5,7 @@ Skipped where torch sees no GPU; `pytest -m cuda` selects them alone. DLDR_TEST_
 on the CPU instead (the device check's smoke run, `dldr bench gpu --preset smoke`, does in the test
 suite), so that they run somewhere on every commit and cannot rot before a GPU comes.
 """
+
 import contextlib
 import copy
 import os
@@ -25,17 +26,21 @@ from dldr.subspace import Subspace  # noqa: E402
 from tests.helpers import bn_problem, model_closure, orthonormal  # noqa: E402
 
 DEVICE = os.environ.get("DLDR_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(DEVICE is None, reason="torch sees no CUDA GPU (DLDR_TEST_DEVICE=cpu runs these "
-                                                        "on the CPU)")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE is None, reason="torch sees no CUDA GPU (DLDR_TEST_DEVICE=cpu runs these on the CPU)"),
+]
 
 
 @contextlib.contextmanager
 def deterministic():
     """Deterministic kernels in full float32: cuDNN convolutions default to TF32 (10-bit mantissa), which
     moved 8 P-BFGS steps of LeNet-5 by 2e-3 relative on an H200."""
-    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.allow_tf32,
-              torch.backends.cuda.matmul.allow_tf32)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+    )
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -59,8 +64,9 @@ def test_subspace_optimizers_take_the_cpus_steps(tmp_path, optimizer):
         data = phases.load_data(run.cfg)
         model = phases.build_model(run, data)
         flat = FlatParams(trainable(model))
-        opt = phases.make_optimizer(run.cfg, model, Subspace(orthonormal(flat.numel, 8).float().to(device),
-                                                             slice(0, flat.numel)))
+        opt = phases.make_optimizer(
+            run.cfg, model, Subspace(orthonormal(flat.numel, 8).float().to(device), slice(0, flat.numel))
+        )
         with deterministic():
             for step, (x, y) in enumerate(data.train_batches(256, 0, 1)):
                 if step == 8:
@@ -97,14 +103,31 @@ def test_bf16_autocast_and_channels_last_through_all_three_phases(tmp_path, monk
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
                 assert module.weight.is_contiguous(memory_format=torch.channels_last)
-                module.register_forward_hook(lambda m, args, out: seen.append(
-                    (args[0].is_contiguous(memory_format=torch.channels_last), out.dtype)) if m.training else None)
+                module.register_forward_hook(
+                    lambda m, args, out: (
+                        seen.append((args[0].is_contiguous(memory_format=torch.channels_last), out.dtype))
+                        if m.training
+                        else None
+                    )
+                )
         return model
 
     monkeypatch.setattr(phases, "build_model", watched)
-    cfg = Config.from_dict({"model": "cnn", "data": "digits", "workers": 0, "device": DEVICE, "precision": "bf16",
-                            "basis_dtype": "bf16", "lr": 0.02, "sample_epochs": 4, "dim": 10, "subspace_epochs": 1,
-                            "run_dir": str(tmp_path / "run")})
+    cfg = Config.from_dict(
+        {
+            "model": "cnn",
+            "data": "digits",
+            "workers": 0,
+            "device": DEVICE,
+            "precision": "bf16",
+            "basis_dtype": "bf16",
+            "lr": 0.02,
+            "sample_epochs": 4,
+            "dim": 10,
+            "subspace_epochs": 1,
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
     run = phases.start_run(cfg, progress=False)
     results = {name: fn(run) for name, fn in phases.PHASE_FUNCTIONS.items()}
     assert seen and all(seen_cl for seen_cl, _ in seen)
@@ -132,9 +155,21 @@ def test_phase_3_peak_memory_is_model_optimizer_and_basis(tmp_path):
     """ResNet-18 (11.2M parameters) with P_r of d = 4 on the device: phase 3's peak CUDA memory stays within
     P_r, eight copies of the model (weights, gradients, w_start, P p, the line search's point and buffers,
     the flattened gradient) and 128 MiB for a batch's activations and the CUDA libraries' workspaces."""
-    cfg = Config.from_dict({"model": "resnet18", "data": "synthetic:3x32x32:10:64", "workers": 0, "device": DEVICE,
-                            "batch_size": 16, "sample_epochs": 1, "snapshot_every": 1, "dim": 4,
-                            "subspace_batch_size": 16, "subspace_epochs": 1, "run_dir": str(tmp_path / "run")})
+    cfg = Config.from_dict(
+        {
+            "model": "resnet18",
+            "data": "synthetic:3x32x32:10:64",
+            "workers": 0,
+            "device": DEVICE,
+            "batch_size": 16,
+            "sample_epochs": 1,
+            "snapshot_every": 1,
+            "dim": 4,
+            "subspace_batch_size": 16,
+            "subspace_epochs": 1,
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
     run = phases.start_run(cfg, progress=False)
     phases.sample(run)
     phases.basis(run)

@@ -1,4 +1,5 @@
 """ImageFolder data: the ImageNet layout, seeded per-image augmentation, all phases, clear errors."""
+
 import pytest
 import torch
 from PIL import Image
@@ -50,20 +51,49 @@ def test_augmented_batches_are_the_same_for_any_ranks_and_loader_workers(folder)
 
 def test_imagefolder_through_all_phases(folder, tmp_path):
     run_dir = str(tmp_path / "run")
-    assert main(["fit", "--run-dir", run_dir, "--workers", "0", "--data", f"imagefolder:{folder}", "--image-size", "16", "--batch-size", "8", "--sample-epochs", "3",
-                 "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "2", "--loader-workers", "1",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--run-dir",
+                run_dir,
+                "--workers",
+                "0",
+                "--data",
+                f"imagefolder:{folder}",
+                "--image-size",
+                "16",
+                "--batch-size",
+                "8",
+                "--sample-epochs",
+                "3",
+                "--snapshot-every",
+                "1",
+                "--dim",
+                "8",
+                "--subspace-epochs",
+                "2",
+                "--loader-workers",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     summary = RunStore(run_dir).read_json("summary.json")
     assert summary["phases"]["sample"]["snapshots"] == 3 * 6 + 1
     assert summary["test_accuracy"] >= 0.8  # the classes are tinted red, green and blue; chance is 1/3
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda root: [p.unlink() for p in (root / "train").rglob("*.*")], "no images in .*train; ImageFolder data is"),
-    (lambda root: (root / "val" / "class_0").rename(root / "val-moved"), None),
-    (lambda root: (root / "val" / "extra").mkdir(), "val has classes that .*train lacks \\(extra\\)"),
-    (lambda root: [p.rename(root / "other") for p in [root / "val"]], "no val/ folder in"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda root: [p.unlink() for p in (root / "train").rglob("*.*")], "no images in .*train; ImageFolder data is"),
+        (lambda root: (root / "val" / "class_0").rename(root / "val-moved"), None),
+        (lambda root: (root / "val" / "extra").mkdir(), "val has classes that .*train lacks \\(extra\\)"),
+        (lambda root: [p.rename(root / "other") for p in [root / "val"]], "no val/ folder in"),
+    ],
+)
 def test_bad_folders_are_named(tmp_path, damage, message):
     write_imagefolder(tmp_path)
     damage(tmp_path)
@@ -78,9 +108,31 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path, capsys):
     write_imagefolder(tmp_path)
     broken = tmp_path / "train" / "class_2" / "3.png"
     broken.write_bytes(b"not a png")
-    assert main(["fit", "--run-dir", str(tmp_path / "run"), "--workers", "0", "--data", f"imagefolder:{tmp_path}",
-                 "--model", "test_resnet", "--image-size", "16", "--batch-size", "48", "--loader-workers", "2",
-                 "--dim", "5", "--quiet"]) == 1
+    assert (
+        main(
+            [
+                "fit",
+                "--run-dir",
+                str(tmp_path / "run"),
+                "--workers",
+                "0",
+                "--data",
+                f"imagefolder:{tmp_path}",
+                "--model",
+                "test_resnet",
+                "--image-size",
+                "16",
+                "--batch-size",
+                "48",
+                "--loader-workers",
+                "2",
+                "--dim",
+                "5",
+                "--quiet",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith(f"dldr: error: cannot read image {broken} (") and err.endswith("; remove or replace it\n")
     assert len(err.splitlines()) == 1

@@ -1,6 +1,7 @@
 """Ray Jobs end to end: a real Ray head from cluster/local-head.sh, `dldr submit` and the commands
 that follow a job, the client's errors, and the stop script ending only that head's processes.
 """
+
 import os
 import re
 import socket
@@ -60,14 +61,32 @@ def head(tmp_path_factory, s3):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     env.update(PATH=f"{Path(sys.executable).parent}:{env['PATH']}", RAY_AUTH_TOKEN_PATH=str(token))
     port, dashboard, client, agent = _free_ports(4)
-    out = subprocess.run([str(ROOT / "cluster" / "local-head.sh"), "--port", str(port), "--dashboard-port",
-                          str(dashboard), "--client-port", str(client), "--agent-port", str(agent), "--num-cpus", "2"],
-                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    out = subprocess.run(
+        [
+            str(ROOT / "cluster" / "local-head.sh"),
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dashboard),
+            "--client-port",
+            str(client),
+            "--agent-port",
+            str(agent),
+            "--num-cpus",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert f"wrote a new token to {token}" in out.stdout and token.stat().st_mode & 0o077 == 0
     state = Path(out.stdout.split("files in ")[1].split()[0])
-    started = Head(f"http://127.0.0.1:{dashboard}", state, int((state / "head.pid").read_text()), token, env,
-                   port, dashboard)
+    started = Head(
+        f"http://127.0.0.1:{dashboard}", state, int((state / "head.pid").read_text()), token, env, port, dashboard
+    )
     yield started
     if state.exists():  # the stop test did not get to run
         subprocess.run([str(ROOT / "cluster" / "local-head-stop.sh"), str(state)], env=env, timeout=120, check=False)
@@ -130,20 +149,46 @@ def test_a_stopped_job_says_so_and_follow_returns(cluster_env, tmp_path, capsys)
 
 def test_a_failed_job_fails_submit_wait_with_the_jobs_own_error(cluster_env, tmp_path, capsys):
     missing = tmp_path / "no-cifar"
-    assert main(["submit", DIGITS, "--address", cluster_env.address, "--wait", "--quiet", "--data",
-                 f"cifar10:{missing}", "--run-dir", str(tmp_path / "failed")]) == 1
+    assert (
+        main(
+            [
+                "submit",
+                DIGITS,
+                "--address",
+                cluster_env.address,
+                "--wait",
+                "--quiet",
+                "--data",
+                f"cifar10:{missing}",
+                "--run-dir",
+                str(tmp_path / "failed"),
+            ]
+        )
+        == 1
+    )
     err = stderr_lines(capsys.readouterr().err)
-    assert len(err) == 1 and re.match(r"dldr: error: job dldr-digits-\S+ failed: no cifar-10-batches-py/ folder at "
-                                      + re.escape(str(missing)), err[0]), err
+    assert len(err) == 1 and re.match(
+        r"dldr: error: job dldr-digits-\S+ failed: no cifar-10-batches-py/ folder at " + re.escape(str(missing)), err[0]
+    ), err
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dldr", *args], capture_output=True, text=True, env=env,
-                          timeout=120, check=False, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "dldr", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
 
 
-SPECS = {"unknown key": "model: mlp\nsample_epoch: 3\n", "unknown resource": "model: mlp\nresources:\n  gpus: 8\n",
-         "address in spec": "model: mlp\naddress: 10.0.0.1:6379\n"}
+SPECS = {
+    "unknown key": "model: mlp\nsample_epoch: 3\n",
+    "unknown resource": "model: mlp\nresources:\n  gpus: 8\n",
+    "address in spec": "model: mlp\naddress: 10.0.0.1:6379\n",
+}
 
 
 @pytest.mark.parametrize("case", ["unreachable", "missing token", "wrong token", "unknown job", *SPECS])
@@ -153,12 +198,14 @@ def test_bad_input_is_one_line(head, tmp_path, case):
     spec = tmp_path / "spec.yaml"
     spec.write_text(SPECS.get(case, ""))
     args = ["submit", str(spec), "--run-dir", str(tmp_path / "never")]
-    expected = {"unknown key": f"{spec}: unknown key 'sample_epoch'",
-                "unknown resource": f"{spec}: resources: unknown key 'gpus'",
-                "address in spec": f"{spec}: a submitted job runs on the cluster it is submitted to; remove `address`",
-                "missing token": "needs a token and none was found in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
-                "wrong token": "refused the token from RAY_AUTH_TOKEN",
-                "unknown job": "there is no job dldr-nothing-here on the Ray cluster"}.get(case, "")
+    expected = {
+        "unknown key": f"{spec}: unknown key 'sample_epoch'",
+        "unknown resource": f"{spec}: resources: unknown key 'gpus'",
+        "address in spec": f"{spec}: a submitted job runs on the cluster it is submitted to; remove `address`",
+        "missing token": "needs a token and none was found in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token",
+        "wrong token": "refused the token from RAY_AUTH_TOKEN",
+        "unknown job": "there is no job dldr-nothing-here on the Ray cluster",
+    }.get(case, "")
     if case == "unreachable":
         address = f"http://127.0.0.1:{_free_ports(1)[0]}"
         expected = f"cannot reach a Ray dashboard at {address}"
@@ -181,8 +228,14 @@ def test_every_job_spec_is_a_valid_config(tmp_path):
     from dldr.config import Config, read_spec
 
     specs = sorted((ROOT / "jobs").glob("*.yaml"))
-    assert {s.stem for s in specs} >= {"digits", "cifar10_resnet20", "cifar10_resnet20_noise", "cifar100_resnet32",
-                                       "imagenet_resnet18_ffcv", "imagenet_resnet50_ffcv"}
+    assert {s.stem for s in specs} >= {
+        "digits",
+        "cifar10_resnet20",
+        "cifar10_resnet20_noise",
+        "cifar100_resnet32",
+        "imagenet_resnet18_ffcv",
+        "imagenet_resnet50_ffcv",
+    }
     for spec in specs:
         text = spec.read_text()
         values, _ = read_spec(text, str(spec))
@@ -192,17 +245,32 @@ def test_every_job_spec_is_a_valid_config(tmp_path):
 
 def test_the_stop_script_ends_only_the_heads_processes(head):
     """By process id: not another head's processes, even one whose folder name starts with this one's."""
-    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", f"--temp-dir={head.state}-other",
-                              f"{head.state}-other/session_latest"])
+    decoy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; time.sleep(600)",
+            f"--temp-dir={head.state}-other",
+            f"{head.state}-other/session_latest",
+        ]
+    )
     try:
         # other heads' long-lived processes (their workers come and go by themselves), and the decoy
-        others = [psutil.Process(decoy.pid)] + [p for p in psutil.process_iter(["name", "cmdline"])
-                                                if p.info["name"] in ("raylet", "gcs_server")
-                                                and not _mentions(head.state, p)]
+        others = [psutil.Process(decoy.pid)] + [
+            p
+            for p in psutil.process_iter(["name", "cmdline"])
+            if p.info["name"] in ("raylet", "gcs_server") and not _mentions(head.state, p)
+        ]
         ours = _head_processes(head.state)
         assert psutil.Process(head.pid) in ours and len(ours) >= 4
-        out = subprocess.run([str(ROOT / "cluster" / "local-head-stop.sh"), str(head.state)], capture_output=True,
-                             text=True, env=head.env, timeout=120, check=False)
+        out = subprocess.run(
+            [str(ROOT / "cluster" / "local-head-stop.sh"), str(head.state)],
+            capture_output=True,
+            text=True,
+            env=head.env,
+            timeout=120,
+            check=False,
+        )
         assert out.returncode == 0, out.stderr
         assert f"(process {head.pid})" in out.stdout
         assert not [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -212,7 +280,9 @@ def test_the_stop_script_ends_only_the_heads_processes(head):
         decoy.wait()
     assert not head.state.exists()
     # nothing listens on the dashboard's port any more; a process that still does is named
-    holders = [(c.pid, " ".join(psutil.Process(c.pid).cmdline()) if c.pid else "?") for c in _listening(head.dashboard_port)]
+    holders = [
+        (c.pid, " ".join(psutil.Process(c.pid).cmdline()) if c.pid else "?") for c in _listening(head.dashboard_port)
+    ]
     assert not holders, holders
 
 
@@ -229,8 +299,24 @@ def _listening(port: int, wait: float = 5.0) -> list:
 
 def test_a_job_spec_works_as_a_fit_config(tmp_path, capsys):
     """`dldr fit --config jobs/digits.yaml` reads the spec and ignores its resources."""
-    run(["fit", "--config", DIGITS, "--workers", "0", "--sample-epochs", "1", "--subspace-epochs", "1", "--dim", "3",
-         "--run-dir", str(tmp_path / "local"), "--quiet"])
+    run(
+        [
+            "fit",
+            "--config",
+            DIGITS,
+            "--workers",
+            "0",
+            "--sample-epochs",
+            "1",
+            "--subspace-epochs",
+            "1",
+            "--dim",
+            "3",
+            "--run-dir",
+            str(tmp_path / "local"),
+            "--quiet",
+        ]
+    )
     config = RunStore(str(tmp_path / "local")).read_bytes("config.yaml").decode()
     assert "resources" not in config and "model: mlp" in config
     assert RunStore(str(tmp_path / "local")).read_json("summary.json")["phases"]["basis"]["dim"] == 3

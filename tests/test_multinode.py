@@ -3,6 +3,7 @@ tests/multinode.py, which runs in a process of its own), the ranks on different 
 lost mid phase 1 and mid phase 3 with --max-failures 1: the run resumes on the nodes left and ends
 with the same snapshots, and the same final weights, as the unbroken run.
 """
+
 import json
 import subprocess
 import sys
@@ -18,16 +19,24 @@ pytestmark = pytest.mark.slow
 def cluster_runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("nodes")
     out = work / "out.json"
-    done = subprocess.run([sys.executable, "-m", "tests.multinode", str(out), str(work)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.multinode", str(out), str(work)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     for name in ("phase_1", "phase_3"):  # what the node-loss runs saw, in the test's output (pytest -s, or -rA)
         seen = results[name]
-        print(f"{name}: rank 1's node {seen['killed_node'][:8]} killed after epoch {seen['killed_after_epoch']}; "
-              f"ranks on {[n[:8] for n in seen['nodes_before']]} -> {[n[:8] for n in seen['nodes_after']]}; "
-              f"epoch {seen['resumed_at_epoch']} logged {seen['recovery_s']:.1f} s after the kill; "
-              f"{seen['seconds']:.0f} s in all")
+        print(
+            f"{name}: rank 1's node {seen['killed_node'][:8]} killed after epoch {seen['killed_after_epoch']}; "
+            f"ranks on {[n[:8] for n in seen['nodes_before']]} -> {[n[:8] for n in seen['nodes_after']]}; "
+            f"epoch {seen['resumed_at_epoch']} logged {seen['recovery_s']:.1f} s after the kill; "
+            f"{seen['seconds']:.0f} s in all"
+        )
     return results
 
 

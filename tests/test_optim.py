@@ -28,6 +28,7 @@ def _closure(opt, model, loss_fn):
         if torch.is_grad_enabled():
             loss.backward()
         return loss
+
     return closure
 
 
@@ -39,8 +40,7 @@ def test_inverse_hessian_update_matches_textbook_formula():
     y = y + 3 * s  # y^T s > 0
     sy = s @ y
     # Nocedal & Wright (6.17), expanded
-    expected = (h + (sy + y @ h @ y) * torch.outer(s, s) / sy ** 2
-                - (h @ torch.outer(y, s) + torch.outer(s, y) @ h) / sy)
+    expected = h + (sy + y @ h @ y) * torch.outer(s, s) / sy**2 - (h @ torch.outer(y, s) + torch.outer(s, y) @ h) / sy
     updated = inverse_hessian_update(h, s, y)
     torch.testing.assert_close(updated, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(updated @ y, s)  # secant condition
@@ -52,7 +52,7 @@ def test_first_update_scales_the_identity_as_lbfgs_does():
     curvature = torch.tensor([1.0, 10.0], dtype=torch.float64)
     model = Vector(torch.tensor([1.0, 1.0], dtype=torch.float64))
     opt = PBFGS(model.parameters(), Subspace(torch.eye(2, dtype=torch.float64), slice(0, 2)))
-    closure = _closure(opt, model, lambda w: 0.5 * (curvature * w ** 2).sum())
+    closure = _closure(opt, model, lambda w: 0.5 * (curvature * w**2).sum())
     opt.step(closure)
     s = opt.state[model.w]["prev_step"].clone()
     assert opt.state[model.w]["fresh"] and s.abs().min() > 0
@@ -96,9 +96,9 @@ def test_geometric_armijo_backtracks_to_the_first_acceptable_step():
     basis = torch.ones(1, 1, dtype=torch.float64)
     model = Vector(torch.ones(1, dtype=torch.float64))
     opt = PBFGS(model.parameters(), Subspace(basis, slice(0, 1)), sigma=0.4, beta=0.55, interpolate=False)
-    opt.step(_closure(opt, model, lambda w: 1.5 * (w ** 2).sum()))
+    opt.step(_closure(opt, model, lambda w: 1.5 * (w**2).sum()))
     state = opt.state[model.w]
-    alpha = 0.55 ** 2
+    alpha = 0.55**2
     assert state["trials"] == 3
     torch.testing.assert_close(state["coords"], torch.tensor([-3.0 * alpha], dtype=torch.float64))
     torch.testing.assert_close(model.w.detach(), torch.tensor([1.0 - 3.0 * alpha], dtype=torch.float64))
@@ -110,19 +110,23 @@ def test_interpolated_armijo_lands_on_the_minimum_of_a_quadratic():
     basis = torch.ones(1, 1, dtype=torch.float64)
     model = Vector(torch.ones(1, dtype=torch.float64))
     opt = PBFGS(model.parameters(), Subspace(basis, slice(0, 1)), sigma=0.4, beta=0.55)
-    opt.step(_closure(opt, model, lambda w: 1.5 * (w ** 2).sum()))
+    opt.step(_closure(opt, model, lambda w: 1.5 * (w**2).sum()))
     state = opt.state[model.w]
     assert state["trials"] == 2
     torch.testing.assert_close(state["coords"], torch.tensor([-1.0], dtype=torch.float64))
     torch.testing.assert_close(model.w.detach(), torch.tensor([0.0], dtype=torch.float64))
 
 
-@pytest.mark.parametrize(("rise", "expected"), [
-    (6.0 - 1.5, 1 / 3),  # the quadratic above: the minimiser itself
-    (-3.5, 0.55),  # just above the Armijo line (-3.6): the parabola's minimiser 0.82 is cut to beta
-    (1e6, 0.1),  # far overshoot: at least a tenth of alpha is kept
-    (math.inf, 0.1), (math.nan, 0.1),  # a diverged trial
-])
+@pytest.mark.parametrize(
+    ("rise", "expected"),
+    [
+        (6.0 - 1.5, 1 / 3),  # the quadratic above: the minimiser itself
+        (-3.5, 0.55),  # just above the Armijo line (-3.6): the parabola's minimiser 0.82 is cut to beta
+        (1e6, 0.1),  # far overshoot: at least a tenth of alpha is kept
+        (math.inf, 0.1),
+        (math.nan, 0.1),  # a diverged trial
+    ],
+)
 def test_backtrack_interpolates_within_its_safeguards(rise, expected):
     assert backtrack(1.0, rise, slope=-9.0, beta=0.55) == pytest.approx(expected)
     assert backtrack(0.5, rise, slope=-9.0, beta=0.55) < 0.5 * 0.55 + 1e-12  # never longer than beta alpha
@@ -134,7 +138,7 @@ def test_armijo_backtrack_flag_picks_the_rule(rule, trials):
     model = Vector(torch.ones(1, dtype=torch.float64))
     subspace = Subspace(torch.ones(1, 1, dtype=torch.float64), slice(0, 1))
     opt = phases.make_optimizer(Config(armijo_backtrack=rule), model, subspace)
-    opt.step(_closure(opt, model, lambda w: 1.5 * (w ** 2).sum()))
+    opt.step(_closure(opt, model, lambda w: 1.5 * (w**2).sum()))
     assert opt.state[model.w]["trials"] == trials
 
 
@@ -143,7 +147,7 @@ def test_failed_line_search_takes_no_step_and_resets_the_inverse_hessian():
     opt = PBFGS(model.parameters(), Subspace(torch.eye(2, dtype=torch.float64), slice(0, 2)), max_trials=5)
     state_h = 2 * torch.eye(2, dtype=torch.float64)
     # trial forwards see a loss far above the gradient forward, so no trial is accepted
-    loss_fn = lambda w: (w ** 2).sum() + (0.0 if torch.is_grad_enabled() else 100.0)
+    loss_fn = lambda w: (w**2).sum() + (0.0 if torch.is_grad_enabled() else 100.0)
     opt.step(_closure(opt, model, loss_fn))
     opt.state[model.w]["inv_hessian"] = state_h
     opt.step(_closure(opt, model, loss_fn))
@@ -157,7 +161,7 @@ def test_failed_line_search_takes_no_step_and_resets_the_inverse_hessian():
 def test_non_descent_direction_resets_to_steepest_descent():
     model = Vector(torch.tensor([1.0, 1.0], dtype=torch.float64))
     opt = PBFGS(model.parameters(), Subspace(torch.eye(2, dtype=torch.float64), slice(0, 2)))
-    closure = _closure(opt, model, lambda w: 0.25 * (w ** 2).sum())
+    closure = _closure(opt, model, lambda w: 0.25 * (w**2).sum())
     opt.step(closure)  # creates the state; alpha = 1 step of -g = -w / 2
     state = opt.state[model.w]
     state["inv_hessian"] = -torch.eye(2, dtype=torch.float64)
@@ -171,7 +175,7 @@ def test_non_descent_direction_resets_to_steepest_descent():
 def test_negative_curvature_pair_is_skipped():
     model = Vector(torch.tensor([0.1], dtype=torch.float64))
     opt = PBFGS(model.parameters(), Subspace(torch.ones(1, 1, dtype=torch.float64), slice(0, 1)))
-    closure = _closure(opt, model, lambda w: -(w ** 2).sum() + (w ** 4).sum())  # concave for |w| < 0.4
+    closure = _closure(opt, model, lambda w: -(w**2).sum() + (w**4).sum())  # concave for |w| < 0.4
     opt.step(closure)
     opt.step(closure)
     state = opt.state[model.w]

@@ -3,6 +3,7 @@
 Every test here shares one local Ray instance (the ``ray_cluster`` fixture); the runs use the
 default digits configuration, so N = 1 and N = 2 can be compared step by step.
 """
+
 import json
 import os
 import shutil
@@ -40,8 +41,9 @@ def fits(tmp_path_factory):
 
 def _snapshot(store: RunStore, step: int) -> np.ndarray:
     name = f"step-{step:06d}.npy"
-    return np.concatenate([store.load_array(next(rel for rel in rels if rel.endswith(name)))
-                           for rels in store.snapshot_shards()])
+    return np.concatenate(
+        [store.load_array(next(rel for rel in rels if rel.endswith(name))) for rels in store.snapshot_shards()]
+    )
 
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
@@ -72,8 +74,12 @@ def test_each_rank_holds_only_its_shard(fits):
     summary = RunStore(fits[2]).read_json("summary.json")["phases"]
     lengths = [s.stop - s.start for s in shard_slices(NUM_PARAMS, 2)]
     # a rank's copies waiting to be written: one or two snapshot slices (the writer keeps at most two)
-    assert [m["snapshot_bytes"] // (4 * n) for m, n in zip(summary["sample"]["memory"], lengths, strict=True)] \
-        in ([1, 1], [1, 2], [2, 1], [2, 2])
+    assert [m["snapshot_bytes"] // (4 * n) for m, n in zip(summary["sample"]["memory"], lengths, strict=True)] in (
+        [1, 1],
+        [1, 2],
+        [2, 1],
+        [2, 2],
+    )
     assert [m["basis_rows"] for m in summary["train"]["memory"]] == lengths
     assert [m["basis_bytes"] for m in summary["train"]["memory"]] == [4 * 40 * n for n in lengths]
     # every rank's own peak memory, and each phase 2 task's
@@ -90,8 +96,8 @@ def test_each_rank_holds_only_its_shard(fits):
     np.testing.assert_allclose(basis.T.astype(np.float64) @ basis, np.eye(basis.shape[1]), atol=1e-4)
 
 
-def test_two_shard_basis_equals_one_shard_basis(fits, tmp_path):
-    """From the same snapshot files: Ray tasks over 2 shards vs one process over 1 shard."""
+def test_two_ranks_build_the_basis_of_one_process(fits, tmp_path):
+    """From the same snapshot files: phase 2 on 2 workers (each reading its own shard) vs one process over 1 shard."""
     sharded = str(tmp_path / "sharded")
     shutil.copytree(fits[2], sharded)
     two = RunStore(sharded)
@@ -100,18 +106,16 @@ def test_two_shard_basis_equals_one_shard_basis(fits, tmp_path):
     for step in range(len(shards[0])):
         whole.save_array(snapshot_path(0, 1, step), _snapshot(two, 2 * step))
 
-    tasks = ray_train.RayShardMap(two)
-    report = build_basis(two, 40, map_shards=tasks)
+    assert main(["basis", "--run-dir", sharded, "--workers", "2", "--quiet"]) == 0
     build_basis(whole, 40)
+    two.reload()
     p2, p1 = (basis_rows(store, slice(0, NUM_PARAMS))[0] for store in (two, whole))
     assert largest_principal_angle(p2, p1) < 1e-4
-    assert report.num_shards == 2 and report.orthonormality_error < 1e-3
-    # each task read the files of its own shard, once, and nothing else
-    assert len(tasks.bytes_read) == 1
-    for reads in tasks.bytes_read:
-        for rank, task_reads in enumerate(reads):
-            assert set(task_reads) == set(shards[rank])
-            assert all(task_reads[rel] == two.manifest[rel]["bytes"] - 128 for rel in shards[rank])
+    report = two.read_json("basis/report.json")
+    assert report["num_shards"] == 2 and report["orthonormality_error"] < 1e-3
+    # each shard's pass read the files of that shard, once, and nothing else
+    for rels, memory in zip(shards, report["memory"], strict=True):
+        assert memory["bytes_read"] == sum(two.manifest[rel]["bytes"] - 128 for rel in rels)
 
 
 def _coords(run_dir: str) -> np.ndarray:
@@ -125,8 +129,23 @@ def test_pbfgs_on_two_workers_follows_one(fits, tmp_path):
     for workers in (1, 2):
         run_dir = str(tmp_path / f"train{workers}")
         shutil.copytree(fits[1], run_dir)
-        assert main(["train", "--run-dir", run_dir, "--workers", str(workers), "--subspace-epochs", "2",
-                     "--subspace-batch-size", "128", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--run-dir",
+                    run_dir,
+                    "--workers",
+                    str(workers),
+                    "--subspace-epochs",
+                    "2",
+                    "--subspace-batch-size",
+                    "128",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         coords[workers] = _coords(run_dir)
     assert np.linalg.norm(coords[1]) > 0.1  # the coordinates moved
     assert _relative(coords[2], coords[1]) < 1e-4
@@ -156,8 +175,12 @@ def test_the_local_instance_listens_on_loopback_with_token_auth():
     assert get_authentication_mode() == AuthenticationMode.TOKEN
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
-    listening = [c.laddr for p in psutil.Process().children(recursive=True)
-                 for c in _connections(p) if c.status == psutil.CONN_LISTEN]
+    listening = [
+        c.laddr
+        for p in psutil.Process().children(recursive=True)
+        for c in _connections(p)
+        if c.status == psutil.CONN_LISTEN
+    ]
     assert listening and all(addr.ip in ("127.0.0.1", "::ffff:127.0.0.1") for addr in listening), listening
 
 
@@ -191,13 +214,21 @@ def test_a_run_directory_the_workers_cannot_see_is_one_line(capsys):
     assert "do not see the run directory memory://dldr-invisible" in _error_line(capsys)
 
 
-@pytest.mark.parametrize("address, message", [
-    ("127.0.0.1:9", "cannot reach a Ray cluster at 127.0.0.1:9"),
-    ("http://127.0.0.1:8265", "--address http://127.0.0.1:8265 (or RAY_ADDRESS) is a dashboard address"),
-])
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("127.0.0.1:9", "cannot reach a Ray cluster at 127.0.0.1:9"),
+        ("http://127.0.0.1:8265", "--address http://127.0.0.1:8265 (or RAY_ADDRESS) is a dashboard address"),
+    ],
+)
 def test_an_unreachable_or_dashboard_address_is_one_line(tmp_path, address, message):
-    out = subprocess.run([sys.executable, "-m", "dldr.cli", "fit", "--address", address, "--run-dir",
-                          str(tmp_path / "r"), "--quiet"], capture_output=True, text=True, timeout=120, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "dldr.cli", "fit", "--address", address, "--run-dir", str(tmp_path / "r"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 1
     lines = stderr_lines(out.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"dldr: error: {message}")
@@ -215,9 +246,26 @@ def test_another_process_connects_by_address_with_the_token(tmp_path):
     """`--address` of a running cluster (this session's), as a job on a shared cluster would."""
     address = ray.get_runtime_context().gcs_address
     run_dir = tmp_path / "by-address"
-    out = subprocess.run([sys.executable, "-m", "dldr.cli", "sample", "--address", address, "--run-dir", str(run_dir),
-                          "--sample-epochs", "1", "--quiet"], capture_output=True, text=True, timeout=300,
-                         check=False, env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dldr.cli",
+            "sample",
+            "--address",
+            address,
+            "--run-dir",
+            str(run_dir),
+            "--sample-epochs",
+            "1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert len(RunStore(str(run_dir)).files("snapshots/shard-00000-of-00001/")) == 1 + 11  # every step of 11
 
@@ -229,18 +277,41 @@ def test_a_killed_worker_is_one_line(tmp_path, max_failures):
     Ray's report. Ray's own tracebacks go to that report, not to the terminal."""
     run_dir = tmp_path / "run"
     started = time.time()
-    sampling = subprocess.Popen([sys.executable, "-m", "dldr.cli", "sample", "--address",
-                                 ray.get_runtime_context().gcs_address, "--run-dir", str(run_dir), "--workers", "2",
-                                 "--sample-epochs", "60", "--snapshot-every", "0", "--max-failures", str(max_failures),
-                                 "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"})
+    sampling = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dldr.cli",
+            "sample",
+            "--address",
+            ray.get_runtime_context().gcs_address,
+            "--run-dir",
+            str(run_dir),
+            "--workers",
+            "2",
+            "--sample-epochs",
+            "60",
+            "--snapshot-every",
+            "0",
+            "--max-failures",
+            str(max_failures),
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"},
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and '"epoch": 2' in metrics.read_text()):
         assert sampling.poll() is None and time.monotonic() < deadline, sampling.communicate()
         time.sleep(0.1)
-    worker = next(p for p in psutil.Process().children(recursive=True)  # one of this job's, not an earlier one's
-                  if p.create_time() >= started and "RayTrainWorker" in " ".join(p.cmdline()))
+    worker = next(
+        p
+        for p in psutil.Process().children(recursive=True)  # one of this job's, not an earlier one's
+        if p.create_time() >= started and "RayTrainWorker" in " ".join(p.cmdline())
+    )
     worker.kill()
     out, err = sampling.communicate(timeout=300)
     lines = stderr_lines(err)
@@ -251,8 +322,10 @@ def test_a_killed_worker_is_one_line(tmp_path, max_failures):
     if max_failures == 0:
         assert sampling.returncode == 1
         assert lines[0].startswith("dldr: error: phase sample: ")  # the death, or a peer's lost connection
-        assert f"give --max-failures N to let the phase restart from its last checkpoint, or run `dldr sample " \
-               f"--run-dir {run_dir}` again" in lines[0]
+        assert (
+            f"give --max-failures N to let the phase restart from its last checkpoint, or run `dldr sample "
+            f"--run-dir {run_dir}` again" in lines[0]
+        )
     else:
         assert sampling.returncode == 0, err
         assert lines[0].startswith("dldr: the run ended well, but Ray reported errors on the way")
@@ -263,17 +336,56 @@ def test_cifar_resnet_on_cifar_through_all_phases_on_two_workers(tmp_path):
     """A BatchNorm model on augmented CIFAR-format data, on Ray Train workers."""
     write_cifar(tmp_path / "data")
     run_dir = str(tmp_path / "run")
-    assert main(["fit", "--run-dir", run_dir, "--workers", "2", "--model", "cifar_resnet20", "--data",
-                 f"cifar10:{tmp_path / 'data'}", "--batch-size", "50", "--sample-epochs", "3", "--snapshot-every",
-                 "1", "--dim", "4", "--subspace-epochs", "1", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--run-dir",
+                run_dir,
+                "--workers",
+                "2",
+                "--model",
+                "cifar_resnet20",
+                "--data",
+                f"cifar10:{tmp_path / 'data'}",
+                "--batch-size",
+                "50",
+                "--sample-epochs",
+                "3",
+                "--snapshot-every",
+                "1",
+                "--dim",
+                "4",
+                "--subspace-epochs",
+                "1",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     store = RunStore(run_dir)
     assert [len(rels) for rels in store.snapshot_shards()] == [13, 13]
     summary = store.read_json("summary.json")["phases"]
     assert summary["train"]["workers"] == 2 and summary["basis"]["dim"] == 4
 
 
-IMAGEFOLDER_RUN = ["--image-size", "16", "--batch-size", "8", "--sample-epochs", "2", "--snapshot-every", "1",
-                   "--dim", "4", "--subspace-epochs", "1", "--loader-workers", "1", "--quiet"]
+IMAGEFOLDER_RUN = [
+    "--image-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--sample-epochs",
+    "2",
+    "--snapshot-every",
+    "1",
+    "--dim",
+    "4",
+    "--subspace-epochs",
+    "1",
+    "--loader-workers",
+    "1",
+    "--quiet",
+]
 
 
 def test_imagefolder_on_two_workers_follows_the_in_process_trajectory(tmp_path):
@@ -283,8 +395,21 @@ def test_imagefolder_on_two_workers_follows_the_in_process_trajectory(tmp_path):
     stores = {}
     for workers in (0, 2):
         run_dir = str(tmp_path / f"w{workers}")
-        assert main(["fit", "--run-dir", run_dir, "--workers", str(workers), "--data",
-                     f"imagefolder:{tmp_path / 'data'}", *IMAGEFOLDER_RUN]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    "--run-dir",
+                    run_dir,
+                    "--workers",
+                    str(workers),
+                    "--data",
+                    f"imagefolder:{tmp_path / 'data'}",
+                    *IMAGEFOLDER_RUN,
+                ]
+            )
+            == 0
+        )
         stores[workers] = RunStore(run_dir)
     assert [len(rels) for rels in stores[2].snapshot_shards()] == [13, 13]
     for step in (1, 6, 12):
@@ -298,9 +423,35 @@ def test_an_idx_folder_with_noise_and_holdout_on_two_workers_follows_the_in_proc
     stores = {}
     for workers in (0, 2):
         run_dir = str(tmp_path / f"w{workers}")
-        assert main(["fit", "--run-dir", run_dir, "--workers", str(workers), "--data", f"mnist:{tmp_path / 'data'}",
-                     "--label-noise", "0.2", "--holdout", "0.25", "--batch-size", "8", "--sample-epochs", "1",
-                     "--snapshot-every", "1", "--dim", "4", "--subspace-epochs", "1", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "fit",
+                    "--run-dir",
+                    run_dir,
+                    "--workers",
+                    str(workers),
+                    "--data",
+                    f"mnist:{tmp_path / 'data'}",
+                    "--label-noise",
+                    "0.2",
+                    "--holdout",
+                    "0.25",
+                    "--batch-size",
+                    "8",
+                    "--sample-epochs",
+                    "1",
+                    "--snapshot-every",
+                    "1",
+                    "--dim",
+                    "4",
+                    "--subspace-epochs",
+                    "1",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         stores[workers] = RunStore(run_dir)
     assert [len(rels) for rels in stores[2].snapshot_shards()] == [10, 10]  # 72 training images, 9 steps
     for step in (1, 5, 9):
@@ -312,11 +463,35 @@ def test_ffcv_on_two_workers_deals_each_rank_half_an_epoch(tmp_path):
     pytest.importorskip("ffcv")
     write_imagefolder(tmp_path / "data")
     for split in ("train", "val"):
-        assert main(["data", "convert", f"imagefolder:{tmp_path / 'data'}", str(tmp_path / f"{split}.beton"),
-                     "--split", split]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    "convert",
+                    f"imagefolder:{tmp_path / 'data'}",
+                    str(tmp_path / f"{split}.beton"),
+                    "--split",
+                    split,
+                ]
+            )
+            == 0
+        )
     run_dir = str(tmp_path / "run")
-    assert main(["fit", "--run-dir", run_dir, "--workers", "2", "--data",
-                 f"ffcv:{tmp_path / 'train.beton'},{tmp_path / 'val.beton'}", *IMAGEFOLDER_RUN]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                "--run-dir",
+                run_dir,
+                "--workers",
+                "2",
+                "--data",
+                f"ffcv:{tmp_path / 'train.beton'},{tmp_path / 'val.beton'}",
+                *IMAGEFOLDER_RUN,
+            ]
+        )
+        == 0
+    )
     store = RunStore(run_dir)
     assert [len(rels) for rels in store.snapshot_shards()] == [13, 13]
     summary = store.read_json("summary.json")

@@ -3,6 +3,7 @@
 would be; and the server stopped mid-run. Two Ray workers on S3: tests/test_tracking.py (with the
 trackers); a Ray job on S3: tests/test_jobs.py.
 """
+
 import os
 import subprocess
 import sys
@@ -77,8 +78,10 @@ def test_a_flipped_byte_in_an_object_is_caught(runs, s3, capsys):
     manifest = _fs().cat_file(store.abspath(MANIFEST))
 
     assert main(["basis", "--run-dir", run_dir, "--quiet"]) == 1
-    assert (f"{victim} is corrupt (its xxh3_128 checksum does not match manifest.json); re-run `dldr sample`"
-            in _error_line(capsys))
+    assert (
+        f"{victim} is corrupt (its xxh3_128 checksum does not match manifest.json); re-run `dldr sample`"
+        in _error_line(capsys)
+    )
     assert _fs().cat_file(store.abspath(MANIFEST)) == manifest  # the run directory as it was
 
 
@@ -99,11 +102,30 @@ def test_the_s3_server_stopped_mid_run_is_one_line(tmp_path):
     with s3_server() as (endpoint, server):
         fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True)
         fs.mkdir("dldr-stopped")
-        env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-        fit = subprocess.Popen([sys.executable, "-m", "dldr", "fit", "--run-dir", "s3://dldr-stopped/run", *SMALL,
-                                "--sample-epochs", "40"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        fit = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dldr",
+                "fit",
+                "--run-dir",
+                "s3://dldr-stopped/run",
+                *SMALL,
+                "--sample-epochs",
+                "40",
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + 300
         while not fs.exists("dldr-stopped/run/snapshots/shard-00000-of-00001/step-000020.npy"):
             assert fit.poll() is None and time.monotonic() < deadline, fit.communicate()
@@ -114,8 +136,12 @@ def test_the_s3_server_stopped_mid_run_is_one_line(tmp_path):
     assert fit.returncode == 1
     lines = stderr_lines(err)
     assert len(lines) == 1, lines
-    assert lines[0].startswith("dldr: error: the object store of s3://dldr-stopped/run failed (Could not connect to "
-                               f"the endpoint URL: \"{endpoint}/dldr-stopped"), lines
-    assert lines[0].endswith("check its endpoint (AWS_ENDPOINT_URL), the credentials and the network, then run the "
-                             "command again (the files completed so far are kept)")
+    assert lines[0].startswith(
+        "dldr: error: the object store of s3://dldr-stopped/run failed (Could not connect to "
+        f'the endpoint URL: "{endpoint}/dldr-stopped'
+    ), lines
+    assert lines[0].endswith(
+        "check its endpoint (AWS_ENDPOINT_URL), the credentials and the network, then run the "
+        "command again (the files completed so far are kept)"
+    )
     print(f"the error came {time.monotonic() - stopped:.1f} s after the server stopped")

@@ -1,5 +1,6 @@
 """Learning-rate schedules: every step's rate against its closed form, the configuration's checks,
 and a phase 1 stopped mid-schedule that resumes onto the snapshots of an unbroken run."""
+
 import io
 import math
 
@@ -38,8 +39,9 @@ def test_each_schedule_follows_its_closed_form(warmup_epochs):
     w = min(round(warmup_epochs * SPE), TOTAL // 2)  # 4 epochs of 6: the first half
     expected = {
         "constant": [LR * (_warm(t, w) if t < w else 1) for t in range(TOTAL)],
-        "cosine": [LR * (_warm(t, w) if t < w else (1 + math.cos(math.pi * (t - w) / (TOTAL - w))) / 2)
-                   for t in range(TOTAL)],
+        "cosine": [
+            LR * (_warm(t, w) if t < w else (1 + math.cos(math.pi * (t - w) / (TOTAL - w))) / 2) for t in range(TOTAL)
+        ],
         # decays by 0.3 at step round(0.6 * 42) = 25 and round(0.8 * 42) = 34
         "step": [LR * (_warm(t, w) if t < w else 0.3 ** ((t >= 25) + (t >= 34))) for t in range(TOTAL)],
     }
@@ -73,19 +75,29 @@ def test_a_resumed_scheduler_continues_the_curve():
         assert again.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"lr_milestones": "0.5"}, "--lr-milestones 0.5 are the decays of --lr-schedule step, not of constant"),
-    ({"lr_schedule": "step", "lr_milestones": "0.75,0.5"}, "must be increasing fractions of the phase in \\(0, 1\\)"),
-    ({"lr_schedule": "step", "lr_milestones": "60"}, "must be increasing fractions"),
-    ({"lr_schedule": "step", "lr_milestones": "half"}, "must be increasing fractions"),
-    ({"lr_gamma": 1.5}, "--lr-gamma must be in \\(0, 1\\], got 1.5"),
-    ({"warmup_epochs": -1}, "--warmup-epochs must be 0 or more, got -1"),
-    ({"lr_schedule": "step", "lr_milestones": "0.1", "warmup_epochs": 1},
-     "the first --lr-milestones decay, at 0.1 of --sample-epochs 10, falls inside its 1 epochs of warm-up"),
-    ({"lr_schedule": "step", "lr_milestones": "0.25,0.9", "optimizer": "psgd", "subspace_epochs": 2},
-     "at 0.25 of --subspace-epochs 2, falls inside its 1 epochs of warm-up"),
-    ({"lr_schedule": "linear"}, "--lr-schedule must be one of constant, step, cosine"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"lr_milestones": "0.5"}, "--lr-milestones 0.5 are the decays of --lr-schedule step, not of constant"),
+        (
+            {"lr_schedule": "step", "lr_milestones": "0.75,0.5"},
+            "must be increasing fractions of the phase in \\(0, 1\\)",
+        ),
+        ({"lr_schedule": "step", "lr_milestones": "60"}, "must be increasing fractions"),
+        ({"lr_schedule": "step", "lr_milestones": "half"}, "must be increasing fractions"),
+        ({"lr_gamma": 1.5}, "--lr-gamma must be in \\(0, 1\\], got 1.5"),
+        ({"warmup_epochs": -1}, "--warmup-epochs must be 0 or more, got -1"),
+        (
+            {"lr_schedule": "step", "lr_milestones": "0.1", "warmup_epochs": 1},
+            "the first --lr-milestones decay, at 0.1 of --sample-epochs 10, falls inside its 1 epochs of warm-up",
+        ),
+        (
+            {"lr_schedule": "step", "lr_milestones": "0.25,0.9", "optimizer": "psgd", "subspace_epochs": 2},
+            "at 0.25 of --subspace-epochs 2, falls inside its 1 epochs of warm-up",
+        ),
+        ({"lr_schedule": "linear"}, "--lr-schedule must be one of constant, step, cosine"),
+    ],
+)
 def test_a_schedule_that_cannot_run_is_refused(keys, message):
     with pytest.raises(DldrError, match=message):
         Config(**keys)
@@ -118,8 +130,15 @@ class _Checkpoints(phases.Session):
 
 
 def test_phase_one_stopped_mid_schedule_resumes_onto_the_same_snapshots(tmp_path):
-    keys = {"workers": 0, "sample_epochs": 4, "snapshot_every": 3, "lr_schedule": "cosine", "warmup_epochs": 1.5,
-            "model": "cnn", "lr": 0.05}
+    keys = {
+        "workers": 0,
+        "sample_epochs": 4,
+        "snapshot_every": 3,
+        "lr_schedule": "cosine",
+        "warmup_epochs": 1.5,
+        "model": "cnn",
+        "lr": 0.05,
+    }
     unbroken = phases.start_run(Config(run_dir=str(tmp_path / "unbroken"), **keys), progress=False)
     phases.sample(unbroken)
 
@@ -141,5 +160,8 @@ def test_phase_one_stopped_mid_schedule_resumes_onto_the_same_snapshots(tmp_path
 def _records(store: RunStore) -> list[dict]:
     import json
 
-    return [json.loads(line) for line in store.read_bytes("metrics.jsonl").decode().splitlines()
-            if '"sample"' in line and '"epoch"' in line]
+    return [
+        json.loads(line)
+        for line in store.read_bytes("metrics.jsonl").decode().splitlines()
+        if '"sample"' in line and '"epoch"' in line
+    ]

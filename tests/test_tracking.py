@@ -2,6 +2,7 @@
 with metrics.jsonl: in-process to MLflow's default local store, and on two Ray workers (rank 0 logs)
 to an `mlflow server` on 127.0.0.1 with the run directory on S3 (the S3 test of two Ray workers).
 """
+
 import json
 import os
 import subprocess
@@ -22,8 +23,22 @@ from dldr.store import RunStore
 from dldr.tracking import TENSORBOARD
 from tests.helpers import free_port, stderr_lines
 
-FIT = ["fit", "--sample-epochs", "4", "--snapshot-every", "1", "--dim", "8", "--subspace-epochs", "3", "--quiet",
-       "--tracker", "mlflow", "--tracker", "tensorboard"]
+FIT = [
+    "fit",
+    "--sample-epochs",
+    "4",
+    "--snapshot-every",
+    "1",
+    "--dim",
+    "8",
+    "--subspace-epochs",
+    "3",
+    "--quiet",
+    "--tracker",
+    "mlflow",
+    "--tracker",
+    "tensorboard",
+]
 SAMPLE_EPOCHS = 4
 
 
@@ -42,8 +57,9 @@ def _expected(store: RunStore, key: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def _check_mlflow(client: MlflowClient, store: RunStore) -> None:
-    (run,) = client.search_runs([client.get_experiment_by_name("dldr").experiment_id],
-                                f"tags.`dldr.run_dir` = '{store.url}'")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("dldr").experiment_id], f"tags.`dldr.run_dir` = '{store.url}'"
+    )
     assert run.info.status == "FINISHED" and run.data.tags["dldr.command"] == "dldr fit"
     assert run.data.params == {k: str(v) for k, v in asdict(_config(store)).items()}
     for key in ("test_accuracy", "train_loss", "explained_variance_ratio"):
@@ -89,10 +105,27 @@ def test_in_process_to_mlflow_default_store_and_tensorboard_in_the_run_directory
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                               "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:

@@ -3,6 +3,7 @@
 Each module has ``PRESETS`` and ``run(preset, work) -> (settings, results, markdown, figure)``;
 ``run`` here times it and writes benchmarks/results/NAME-PRESET.json, .png and .md.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -14,16 +15,16 @@ from dldr.errors import DldrError
 
 BENCHMARKS = {
     "wallclock": "cosine, step and early-stopped SGD vs DLDR at several sampling budgets, P-SGD and a random "
-                 "subspace: accuracy, epochs, seconds",
+    "subspace: accuracy, epochs, seconds",
     "label_noise": "full-budget and early-stopped SGD against DLDR and P-SGD under label noise",
     "sampling": "DLDR after phase 1 on a constant, step or cosine learning-rate schedule",
     "step": "time per optimizer step of SGD, P-SGD and P-BFGS, piece by piece",
     "basis": "phase 2 time and peak memory at D = 25.6M, t = 60 against the naive dense SVD",
     "distributed": "1 vs 2 Ray Train workers: wall time per phase and basis agreement",
     "large": "ViT-B/16 through every phase with 1 and 2 shards and P in float32 and bfloat16: time and peak memory "
-             "per phase and process against the naive approach; bf16 P's error and accuracy",
+    "per phase and process against the naive approach; bf16 P's error and accuracy",
     "gpu": "the device check: the CUDA tests, step on GPU-sized models, ViT-B/16 through every phase with P on the "
-           "GPU, Fashion-MNIST SGD against DLDR; one in-process run of about 5 minutes",
+    "GPU, Fashion-MNIST SGD against DLDR; one in-process run of about 5 minutes",
 }
 DEFAULT_OUT = "benchmarks/results"
 

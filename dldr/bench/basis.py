@@ -16,6 +16,7 @@ read, direct and streamed run ``repeats`` times, alternating, and report the med
 on a shared virtual disk varies by 20-30% from one run to the next. Peak memory is the peak resident
 set of each process; the two bases are compared by their largest principal angle.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,9 +50,13 @@ PRESETS = {
 }
 
 
-STEPS = {"read": "one read: through the page cache", "direct": "direct read: one read past the page cache",
-         "streamed": "phase 2: streamed", "rows": "phase 3 start: P_0 of rank 0",
-         "naive": "naive: stack + SVD"}
+STEPS = {
+    "read": "one read: through the page cache",
+    "direct": "direct read: one read past the page cache",
+    "streamed": "phase 2: streamed",
+    "rows": "phase 3 start: P_0 of rank 0",
+    "naive": "naive: stack + SVD",
+}
 
 
 def write_walk(url: str, preset: Preset, num_shards: int) -> None:
@@ -129,8 +134,8 @@ def largest_angle(url: str, naive_file: str, block: int = 1 << 20) -> float:
     ours = basis_rows(RunStore(url), slice(0, len(theirs)))[0]
     cross = 0.0
     for start in range(0, len(ours), block):
-        a = np.asarray(ours[start:start + block], dtype=np.float64)
-        cross = cross + a.T @ np.asarray(theirs[start:start + len(a)], dtype=np.float64)
+        a = np.asarray(ours[start : start + block], dtype=np.float64)
+        cross = cross + a.T @ np.asarray(theirs[start : start + len(a)], dtype=np.float64)
     cosines = np.linalg.svd(cross, compute_uv=False)
     return float(np.arccos(np.clip(cosines.min(), -1.0, 1.0)))
 
@@ -142,22 +147,30 @@ def run(preset_name: str, work: Path) -> tuple[dict, dict, str, Figure]:
         url = str(work / f"walk-{num_shards}")
         start = time.perf_counter()
         write_walk(url, preset, num_shards)
-        print(f"{num_shards} shard(s): wrote {preset.num_snapshots} snapshots of {preset.num_params:,} "
-              f"parameters in {time.perf_counter() - start:.0f} s", flush=True)
+        print(
+            f"{num_shards} shard(s): wrote {preset.num_snapshots} snapshots of {preset.num_params:,} "
+            f"parameters in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         row: dict[str, Any] = {}
         runs: dict[str, list[dict[str, Any]]] = {}
         reads = [("read", read_once, (url,))]
         if direct_io(RunStore(url).abspath(MANIFEST)):
             reads.append(("direct", read_once, (url, True)))
         steps = [*reads, ("streamed", streamed, (url, preset.dim))] * preset.repeats
-        steps += [("rows", rank_rows, (url, num_shards)),
-                  ("naive", naive, (url, preset.dim, str(work / "naive-basis.npy")))]
+        steps += [
+            ("rows", rank_rows, (url, num_shards)),
+            ("naive", naive, (url, preset.dim, str(work / "naive-basis.npy"))),
+        ]
         for name, fn, args in steps:
             cold = drop_page_cache()
             measured = {**report.in_fresh_process(fn, *args), "cold_cache": cold}
             runs.setdefault(name, []).append(measured)
-            print(f"  {name:9s} {measured['seconds']:7.1f} s, peak RSS {measured['peak_rss_bytes'] / 2**30:6.2f} GiB"
-                  f"{'' if cold else ' (page cache not dropped)'}", flush=True)
+            print(
+                f"  {name:9s} {measured['seconds']:7.1f} s, peak RSS {measured['peak_rss_bytes'] / 2**30:6.2f} GiB"
+                f"{'' if cold else ' (page cache not dropped)'}",
+                flush=True,
+            )
         for name, measured in runs.items():  # the run of median time
             row[name] = sorted(measured, key=lambda m: m["seconds"])[len(measured) // 2]
             row[f"{name}_seconds_each"] = [m["seconds"] for m in measured]
@@ -165,8 +178,9 @@ def run(preset_name: str, work: Path) -> tuple[dict, dict, str, Figure]:
         row["largest_principal_angle"] = largest_angle(url, str(work / "naive-basis.npy"))
         eigvals = np.array(row["naive"].pop("eigvals"))
         stored = np.load(RunStore(url).abspath("basis/eigvals.npy"), allow_pickle=False)
-        row["eigval_max_rel_diff"] = float(np.max(np.abs(stored[:preset.dim] - eigvals[:preset.dim])
-                                                  / eigvals[:preset.dim]))
+        row["eigval_max_rel_diff"] = float(
+            np.max(np.abs(stored[: preset.dim] - eigvals[: preset.dim]) / eigvals[: preset.dim])
+        )
         row["snapshot_bytes"] = row["read"]["bytes"]
         row["floor"] = min((name for name, _, _ in reads), key=lambda name: row[name]["seconds"])
         row["time_vs_read"] = row["streamed"]["seconds"] / row[row["floor"]]["seconds"]
@@ -184,21 +198,48 @@ def _markdown(preset: Preset, results: dict[str, Any]) -> str:
         for name, label in ((n, label) for n, label in STEPS.items() if n in r):
             m = r[name]
             each = " ".join(f"{x:.1f}" for x in r[f"{name}_seconds_each"])
-            rows.append([shards, label, f"{m['seconds']:.1f}", each, f"{m['peak_rss_bytes'] / gib:.2f}",
-                         f"{(m['peak_rss_bytes'] - m['rss_before_bytes']) / gib:.2f}"])
-    text = (f"D = {preset.num_params:,} parameters, t = {preset.num_snapshots} snapshots "
-            f"({next(iter(results.values()))['snapshot_bytes'] / gib:.2f} GiB of float32 files), d = {preset.dim}; "
-            f"each step in a fresh process after dropping the page cache; the reads and phase 2 {preset.repeats} "
-            "times, alternating; phase 2 is compared with the faster read. Phase 2 reads the snapshots once "
-            "and stores t x d coefficients; each phase 3 rank forms its rows of P from its snapshot rows as it "
-            "starts and writes them to basis/ (the `rows` step, rank 0 of N).\n\n")
-    text += report.table(["shards", "step", "seconds (median)", "each run", "peak RSS GiB",
-                          "above the process's start GiB"], rows)
+            rows.append(
+                [
+                    shards,
+                    label,
+                    f"{m['seconds']:.1f}",
+                    each,
+                    f"{m['peak_rss_bytes'] / gib:.2f}",
+                    f"{(m['peak_rss_bytes'] - m['rss_before_bytes']) / gib:.2f}",
+                ]
+            )
+    text = (
+        f"D = {preset.num_params:,} parameters, t = {preset.num_snapshots} snapshots "
+        f"({next(iter(results.values()))['snapshot_bytes'] / gib:.2f} GiB of float32 files), d = {preset.dim}; "
+        f"each step in a fresh process after dropping the page cache; the reads and phase 2 {preset.repeats} "
+        "times, alternating; phase 2 is compared with the faster read. Phase 2 reads the snapshots once "
+        "and stores t x d coefficients; each phase 3 rank forms its rows of P from its snapshot rows as it "
+        "starts and writes them to basis/ (the `rows` step, rank 0 of N).\n\n"
+    )
+    text += report.table(
+        ["shards", "step", "seconds (median)", "each run", "peak RSS GiB", "above the process's start GiB"], rows
+    )
     text += "\n" + report.table(
-        ["shards", "streamed / faster read (time)", "streamed / naive (peak memory)", "one read, warm cache (s)",
-         "largest principal angle", "max rel. eigenvalue diff"],
-        [[s, f"{r['time_vs_read']:.2f}", f"{r['memory_vs_naive']:.3f}", f"{r['read_warm']['seconds']:.1f}",
-          f"{r['largest_principal_angle']:.1e}", f"{r['eigval_max_rel_diff']:.1e}"] for s, r in results.items()])
+        [
+            "shards",
+            "streamed / faster read (time)",
+            "streamed / naive (peak memory)",
+            "one read, warm cache (s)",
+            "largest principal angle",
+            "max rel. eigenvalue diff",
+        ],
+        [
+            [
+                s,
+                f"{r['time_vs_read']:.2f}",
+                f"{r['memory_vs_naive']:.3f}",
+                f"{r['read_warm']['seconds']:.1f}",
+                f"{r['largest_principal_angle']:.1e}",
+                f"{r['eigval_max_rel_diff']:.1e}",
+            ]
+            for s, r in results.items()
+        ],
+    )
     return text
 
 

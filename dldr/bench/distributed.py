@@ -5,6 +5,7 @@ trajectory; DDP's all-reduce sums in another order, so they differ by rounding. 
 agreement is the largest principal angle between the two bases (rank r of the 2-worker run
 kept rows r of it), plus the eigenvalues and the test accuracies.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,12 +43,18 @@ def run(preset: str, work: Path) -> tuple[dict, dict, str, Figure]:
             run = phases.start_run(cfg, progress=False)
             walls = report.timed_phases(run, PHASES)
             summary = run.log.summary["phases"]
-            results[str(workers)] = {"wall_seconds": walls,
-                                     "phase_seconds": {name: summary[name]["seconds"] for name in PHASES},
-                                     "sample_test_accuracy": summary["sample"]["test_accuracy"],
-                                     "test_accuracy": summary["train"]["test_accuracy"]}
-            print(f"{workers} worker(s): " + ", ".join(f"{n} {walls[n]:.1f} s" for n in PHASES) +
-                  f"; test accuracy {summary['train']['test_accuracy']:.4f}", flush=True)
+            results[str(workers)] = {
+                "wall_seconds": walls,
+                "phase_seconds": {name: summary[name]["seconds"] for name in PHASES},
+                "sample_test_accuracy": summary["sample"]["test_accuracy"],
+                "test_accuracy": summary["train"]["test_accuracy"],
+            }
+            print(
+                f"{workers} worker(s): "
+                + ", ".join(f"{n} {walls[n]:.1f} s" for n in PHASES)
+                + f"; test accuracy {summary['train']['test_accuracy']:.4f}",
+                flush=True,
+            )
     stores = [RunStore(str(work / f"workers-{w}")) for w in WORKERS]
     bases = [_basis(s) for s in stores]
     q = [np.linalg.qr(b.astype(np.float64))[0] for b in bases]
@@ -62,15 +69,23 @@ def run(preset: str, work: Path) -> tuple[dict, dict, str, Figure]:
 
 
 def _markdown(results: dict[str, Any]) -> str:
-    rows = [[w, *(f"{results[w]['wall_seconds'][n]:.1f} ({results[w]['phase_seconds'][n]:.1f})" for n in PHASES),
-             f"{results[w]['sample_test_accuracy']:.4f}", f"{results[w]['test_accuracy']:.4f}"]
-            for w in map(str, WORKERS)]
+    rows = [
+        [
+            w,
+            *(f"{results[w]['wall_seconds'][n]:.1f} ({results[w]['phase_seconds'][n]:.1f})" for n in PHASES),
+            f"{results[w]['sample_test_accuracy']:.4f}",
+            f"{results[w]['test_accuracy']:.4f}",
+        ]
+        for w in map(str, WORKERS)
+    ]
     a = results["agreement"]
     header = ["workers", *(f"{n}: wall s (in phase s)" for n in PHASES), "after sampling", "final test accuracy"]
-    return (report.table(header, rows)
-            + f"\nBasis agreement: largest principal angle {a['largest_principal_angle']:.2e} rad, "
-              f"max relative eigenvalue difference {a['eigval_max_rel_diff']:.2e}, "
-              f"test accuracy difference {100 * a['test_accuracy_diff']:+.2f} points.\n")
+    return (
+        report.table(header, rows)
+        + f"\nBasis agreement: largest principal angle {a['largest_principal_angle']:.2e} rad, "
+        f"max relative eigenvalue difference {a['eigval_max_rel_diff']:.2e}, "
+        f"test accuracy difference {100 * a['test_accuracy_diff']:+.2f} points.\n"
+    )
 
 
 def _figure(results: dict[str, Any]) -> Figure:

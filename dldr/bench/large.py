@@ -2,7 +2,7 @@
 
 ViT-B/16 (85.8M parameters) on synthetic 224 px images: phase 1 long enough for d + 1
 snapshots, phase 2, then a few P-BFGS steps, once with 1 shard (in-process, in a fresh process)
-and once with 2 (two Ray Train workers; phase 2 as Ray tasks). Phase 3 then runs again on the
+and once with 2 (two Ray Train workers). Phase 3 then runs again on the
 same basis with ``--basis-dtype bf16``. Each phase reports, per rank, its peak resident memory
 and the bytes of snapshots and of P_r it held (summary.json's ``memory``).
 
@@ -14,6 +14,7 @@ What bf16 P costs is measured on rank 0's rows of the 2-shard float32 basis and 
 at w_start: the projection P^T g and the lift P c against float64, and their time. Its accuracy
 is measured on real data: the same phases 1 and 2, phase 3 with float32 and with bfloat16 P.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -41,13 +42,23 @@ class Preset:
     timing_repeats: int = 3
 
 
-_VIT = {"model": "vit_base_patch16_224", "data": "synthetic:3x224x224:10:80", "batch_size": 2, "sample_epochs": 1,
-        "snapshot_every": 1, "dim": 40, "subspace_batch_size": 8, "subspace_epochs": 1, "loader_workers": 0}
+_VIT = {
+    "model": "vit_base_patch16_224",
+    "data": "synthetic:3x224x224:10:80",
+    "batch_size": 2,
+    "sample_epochs": 1,
+    "snapshot_every": 1,
+    "dim": 40,
+    "subspace_batch_size": 8,
+    "subspace_epochs": 1,
+    "loader_workers": 0,
+}
 _SMOKE = {"model": "mlp", "data": "digits", "sample_epochs": 1, "snapshot_every": 1, "dim": 4, "subspace_epochs": 1}
 PRESETS = {
     # real data at the README's defaults; Fashion-MNIST's MLP at the lr wallclock's grid picked
-    "cpu": Preset(_VIT, (1, 2), [{"model": "mlp", "data": "digits"},
-                                 {"model": "mlp", "data": "fashion-mnist", "lr": 0.05}]),
+    "cpu": Preset(
+        _VIT, (1, 2), [{"model": "mlp", "data": "digits"}, {"model": "mlp", "data": "fashion-mnist", "lr": 0.05}]
+    ),
     "smoke": Preset(_SMOKE, (1, 2), [_SMOKE], timing_repeats=1),
 }
 
@@ -78,8 +89,11 @@ def _figures(result: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     out = {}
     for name in names:
         phase = result["summary"][name]
-        out[name] = {"seconds": phase["seconds"], "wall_seconds": result["wall_seconds"][name],
-                     "memory": phase["memory"]}
+        out[name] = {
+            "seconds": phase["seconds"],
+            "wall_seconds": result["wall_seconds"][name],
+            "memory": phase["memory"],
+        }
     return out
 
 
@@ -90,7 +104,7 @@ def projection_error(run_dir: str, repeats: int) -> dict[str, Any]:
     import torch
 
     from dldr import phases
-    from dldr.basis import shard_path
+    from dldr.basis import shard_path, snapshot_rows
     from dldr.params import FlatParams, shard_slices, trainable
     from dldr.subspace import Subspace
 
@@ -100,7 +114,7 @@ def projection_error(run_dir: str, repeats: int) -> dict[str, Any]:
     data = phases.load_data(cfg)
     model = phases.build_model(run, data)
     flat = FlatParams(trainable(model))
-    flat.set(torch.from_numpy(phases.start_point(store, cfg.start, slice(0, flat.numel))))
+    flat.set(torch.from_numpy(snapshot_rows(store, 0 if cfg.start == "first" else -1, slice(0, flat.numel))))
     x, y = next(iter(data.train_batches(cfg.train_batch_size(len(data.train_labels)), cfg.seed + 1, 1)))
     with run.autocast():
         torch.nn.functional.cross_entropy(model(run.inputs(x)), y).backward()
@@ -122,13 +136,17 @@ def projection_error(run_dir: str, repeats: int) -> dict[str, Any]:
             start = time.perf_counter()
             lifted = space.lift(coords)
             seconds["lift"].append(time.perf_counter() - start)
-        lift_error = sum(float((lifted[c].double() - torch.from_numpy(rows[c]).double() @ coords).norm()) ** 2
-                         for c in chunks) ** 0.5  # against |P_0 c| = |c| = 1
-        out[dtype] = {"project_rel_error": float((projected - exact).norm() / exact.norm()),
-                      "lift_rel_error": lift_error,
-                      "project_seconds": statistics.median(seconds["project"]),
-                      "lift_seconds": statistics.median(seconds["lift"]),
-                      "basis_bytes": basis.element_size() * basis.numel()}
+        lift_error = (
+            sum(float((lifted[c].double() - torch.from_numpy(rows[c]).double() @ coords).norm()) ** 2 for c in chunks)
+            ** 0.5
+        )  # against |P_0 c| = |c| = 1
+        out[dtype] = {
+            "project_rel_error": float((projected - exact).norm() / exact.norm()),
+            "lift_rel_error": lift_error,
+            "project_seconds": statistics.median(seconds["project"]),
+            "lift_seconds": statistics.median(seconds["lift"]),
+            "basis_bytes": basis.element_size() * basis.numel(),
+        }
     return out
 
 
@@ -145,8 +163,11 @@ def _real(config: dict[str, Any], work: Path) -> dict[str, Any]:
     for dtype in DTYPES:
         names = PHASES if dtype == "fp32" else ("train",)
         summary = _phases(cfg, names, {"basis_dtype": dtype})["summary"]
-        out[dtype] = {"test_accuracy": summary["train"]["test_accuracy"], "seconds": summary["train"]["seconds"],
-                      "basis_bytes": summary["train"]["memory"][0]["basis_bytes"]}
+        out[dtype] = {
+            "test_accuracy": summary["train"]["test_accuracy"],
+            "seconds": summary["train"]["seconds"],
+            "basis_bytes": summary["train"]["memory"][0]["basis_bytes"],
+        }
     out["difference_points"] = 100 * (out["bf16"]["test_accuracy"] - out["fp32"]["test_accuracy"])
     shutil.rmtree(run_dir)
     return out
@@ -160,19 +181,31 @@ def run(preset_name: str, work: Path) -> tuple[dict, dict, str, Figure]:
     results: dict[str, Any] = {"runs": runs}
     with ray_train.cluster(""):
         for shards in preset.shards:
-            config = {**preset.config, "workers": 0 if shards == 1 else shards, "run_dir": str(work / f"shards-{shards}")}
+            config = {
+                **preset.config,
+                "workers": 0 if shards == 1 else shards,
+                "run_dir": str(work / f"shards-{shards}"),
+            }
             for dtype in DTYPES:  # phase 3 again on the same basis, with P in bfloat16
                 names = PHASES if dtype == "fp32" else ("train",)
                 measured = _measured_phases({**config, "basis_dtype": dtype}, names, {"basis_dtype": dtype})
-                runs[f"{shards}/{dtype}"] = {"shards": shards, "basis_dtype": dtype, "phases": _figures(measured, names)}
+                runs[f"{shards}/{dtype}"] = {
+                    "shards": shards,
+                    "basis_dtype": dtype,
+                    "phases": _figures(measured, names),
+                }
                 _print(runs[f"{shards}/{dtype}"])
                 if dtype == "fp32":
                     summary = measured["summary"]
-                    results["sizes"] = {"num_params": sum(m["basis_rows"] for m in summary["train"]["memory"]),
-                                        "num_snapshots": summary["sample"]["snapshots"], "dim": summary["basis"]["dim"]}
+                    results["sizes"] = {
+                        "num_params": sum(m["basis_rows"] for m in summary["train"]["memory"]),
+                        "num_snapshots": summary["sample"]["snapshots"],
+                        "dim": summary["basis"]["dim"],
+                    }
                     if shards == max(preset.shards):
-                        results["projection"] = report.in_fresh_process(projection_error, config["run_dir"],
-                                                                        preset.timing_repeats)
+                        results["projection"] = report.in_fresh_process(
+                            projection_error, config["run_dir"], preset.timing_repeats
+                        )
             shutil.rmtree(config["run_dir"])  # ViT-B's snapshots and basis take 28 GB of disk
     results["naive_bytes"] = _naive(**results["sizes"])
     results["real"] = {f"{c['model']} on {c['data']}": _real(c, work) for c in preset.real}
@@ -180,8 +213,10 @@ def run(preset_name: str, work: Path) -> tuple[dict, dict, str, Figure]:
 
 
 def _print(entry: dict[str, Any]) -> None:
-    parts = [f"{name} {p['seconds']:.1f} s, peak RSS {_gb(max(m['peak_rss_bytes'] for m in p['memory']))} GB"
-             for name, p in entry["phases"].items()]
+    parts = [
+        f"{name} {p['seconds']:.1f} s, peak RSS {_gb(max(m['peak_rss_bytes'] for m in p['memory']))} GB"
+        for name, p in entry["phases"].items()
+    ]
     print(f"{entry['shards']} shard(s), P in {entry['basis_dtype']}: " + "; ".join(parts), flush=True)
 
 
@@ -192,33 +227,62 @@ def _gb(n: float | None) -> str:
 def _markdown(preset_name: str, results: dict[str, Any]) -> str:
     s = results["sizes"]
     model = PRESETS[preset_name].config["model"]
-    text = (f"{model}: D = {s['num_params']:,} parameters, t = {s['num_snapshots']} snapshots, d = {s['dim']}; "
-            f"P is {_gb(s['num_params'] * s['dim'] * 4)} GB in float32.\n\n")
+    text = (
+        f"{model}: D = {s['num_params']:,} parameters, t = {s['num_snapshots']} snapshots, d = {s['dim']}; "
+        f"P is {_gb(s['num_params'] * s['dim'] * 4)} GB in float32.\n\n"
+    )
     rows = []
     for entry in results["runs"].values():
         for name, p in entry["phases"].items():
             m = p["memory"]
-            rows.append([entry["shards"], entry["basis_dtype"], name, f"{p['seconds']:.1f}",
-                         " / ".join(_gb(x["peak_rss_bytes"]) for x in m),
-                         " / ".join(_gb(x.get("snapshot_bytes")) for x in m),
-                         " / ".join(_gb(x["basis_bytes"]) for x in m) if name == "train" else "-"])
-    text += report.table(["shards", "P", "phase", "seconds", "peak RSS per process, GB", "snapshots held, GB",
-                          "P_r held, GB"], rows)
+            rows.append(
+                [
+                    entry["shards"],
+                    entry["basis_dtype"],
+                    name,
+                    f"{p['seconds']:.1f}",
+                    " / ".join(_gb(x["peak_rss_bytes"]) for x in m),
+                    " / ".join(_gb(x.get("snapshot_bytes")) for x in m),
+                    " / ".join(_gb(x["basis_bytes"]) for x in m) if name == "train" else "-",
+                ]
+            )
+    text += report.table(
+        ["shards", "P", "phase", "seconds", "peak RSS per process, GB", "snapshots held, GB", "P_r held, GB"], rows
+    )
     naive = results["naive_bytes"]
-    text += (f"\nThe naive approach for the same sizes (computed): phase 2 {_gb(naive['basis'])} GB (the stacked "
-             f"trajectory and its dense SVD), phase 3 {_gb(naive['train'])} GB (all of P in one process).\n\n")
+    text += (
+        f"\nThe naive approach for the same sizes (computed): phase 2 {_gb(naive['basis'])} GB (the stacked "
+        f"trajectory and its dense SVD), phase 3 {_gb(naive['train'])} GB (all of P in one process).\n\n"
+    )
     q = results["projection"]
-    text += (f"bf16 P against float32 P, on rank 0's {q['rows']:,} rows and a gradient at w_start:\n\n"
-             + report.table(["P", "bytes, GB", "P^T g: relative error vs float64", "P c: relative error",
-                             "P^T g, s", "P c, s"],
-                            [[d, _gb(q[d]["basis_bytes"]), f"{q[d]['project_rel_error']:.1e}",
-                              f"{q[d]['lift_rel_error']:.1e}",
-                              f"{q[d]['project_seconds']:.3f}", f"{q[d]['lift_seconds']:.3f}"] for d in DTYPES]))
+    text += f"bf16 P against float32 P, on rank 0's {q['rows']:,} rows and a gradient at w_start:\n\n" + report.table(
+        ["P", "bytes, GB", "P^T g: relative error vs float64", "P c: relative error", "P^T g, s", "P c, s"],
+        [
+            [
+                d,
+                _gb(q[d]["basis_bytes"]),
+                f"{q[d]['project_rel_error']:.1e}",
+                f"{q[d]['lift_rel_error']:.1e}",
+                f"{q[d]['project_seconds']:.3f}",
+                f"{q[d]['lift_seconds']:.3f}",
+            ]
+            for d in DTYPES
+        ],
+    )
     text += "\nTest accuracy with float32 and bfloat16 P (the same phases 1 and 2):\n\n"
-    text += report.table(["run", "fp32 P", "bf16 P", "difference (points)", "phase 3 s (fp32 / bf16)"],
-                         [[label, f"{r['fp32']['test_accuracy']:.4f}", f"{r['bf16']['test_accuracy']:.4f}",
-                           f"{r['difference_points']:+.2f}", f"{r['fp32']['seconds']:.1f} / {r['bf16']['seconds']:.1f}"]
-                          for label, r in results["real"].items()])
+    text += report.table(
+        ["run", "fp32 P", "bf16 P", "difference (points)", "phase 3 s (fp32 / bf16)"],
+        [
+            [
+                label,
+                f"{r['fp32']['test_accuracy']:.4f}",
+                f"{r['bf16']['test_accuracy']:.4f}",
+                f"{r['difference_points']:+.2f}",
+                f"{r['fp32']['seconds']:.1f} / {r['bf16']['seconds']:.1f}",
+            ]
+            for label, r in results["real"].items()
+        ],
+    )
     return text
 
 

@@ -18,6 +18,7 @@ random         a random basis of the same d, P-BFGS from w_0 (Li et al. 2018); i
 Every run is in-process (``--workers 0``), so the seconds are the method's, not Ray's; they
 include each epoch's evaluation, as SGD's curve does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -37,6 +38,7 @@ WITHIN = 0.005
 @dataclass
 class Setting:
     """One model on one data set: full SGD's budget and learning-rate grid, and DLDR's sampling budgets."""
+
     label: str
     model: str
     data: str
@@ -53,7 +55,6 @@ class Setting:
         return max(1, round(Fraction(budget) * self.sgd_epochs))
 
 
-
 @dataclass
 class Outcome:
     test_accuracy: float
@@ -67,8 +68,11 @@ class Outcome:
 
 
 def _curve(run: phases.Run, phase: str, epochs: int = 0, seconds: float = 0.0) -> list[tuple[int, float, float]]:
-    return [(epochs + r["epoch"], seconds + r["seconds"], r["test_accuracy"])
-            for r in run.log.records if r["phase"] == phase]
+    return [
+        (epochs + r["epoch"], seconds + r["seconds"], r["test_accuracy"])
+        for r in run.log.records
+        if r["phase"] == phase
+    ]
 
 
 class Runner:
@@ -76,12 +80,19 @@ class Runner:
 
     def __init__(self, setting: Setting, seed: int, noise: float, lr: float, work: Path):
         self.setting, self.lr, self.work = setting, lr, work
-        self.base = {**setting.common, "model": setting.model, "data": setting.data, "seed": seed,
-                     "label_noise": noise, "workers": 0}
+        self.base = {
+            **setting.common,
+            "model": setting.model,
+            "data": setting.data,
+            "seed": seed,
+            "label_noise": noise,
+            "workers": 0,
+        }
 
     def start(self, name: str, **keys: Any) -> phases.Run:
-        return phases.start_run(Config.from_dict({**self.base, **keys, "run_dir": str(self.work / name)}),
-                                progress=False)
+        return phases.start_run(
+            Config.from_dict({**self.base, **keys, "run_dir": str(self.work / name)}), progress=False
+        )
 
     def sgd(self, name: str, schedule: str = "cosine", epochs: int = 0, **keys: Any) -> tuple[phases.Run, Outcome]:
         """Phase 1 alone for ``epochs`` (the full budget unless given), a snapshot per epoch."""
@@ -94,7 +105,7 @@ class Runner:
         run, _ = self.sgd("sgd_early", holdout=self.setting.holdout)
         records = [r for r in run.log.records if r["phase"] == "sample"]
         best = max(records, key=lambda r: (r["val_accuracy"], -r["epoch"]))  # the earliest of the best
-        return Outcome(best["test_accuracy"], best["epoch"], best["seconds"], _curve(run, "sample")[:best["epoch"]])
+        return Outcome(best["test_accuracy"], best["epoch"], best["seconds"], _curve(run, "sample")[: best["epoch"]])
 
     def dldr(self, budget: str, psgd: bool, random: bool) -> dict[str, Outcome]:
         """DLDR after ``budget`` of SGD's epochs (sampled at SGD's learning rate, as the paper samples the
@@ -104,17 +115,24 @@ class Runner:
         sampled, basis = phases.sample(run), phases.basis(run)
         before = sampled["seconds"] + basis["seconds"]
         out = {}
-        for method, overrides in ((f"dldr {budget}", {}), ("psgd", {"optimizer": "psgd"}))[:1 + psgd]:
+        for method, overrides in ((f"dldr {budget}", {}), ("psgd", {"optimizer": "psgd"}))[: 1 + psgd]:
             trained_run = phases.open_run(run.store.url, overrides, progress=False)
             trained = phases.train(trained_run)
-            out[method] = Outcome(trained["test_accuracy"], sampled["epochs"] + trained["epochs"],
-                                  before + trained["seconds"],
-                                  _curve(run, "sample") + _curve(trained_run, "train", sampled["epochs"], before))
+            out[method] = Outcome(
+                trained["test_accuracy"],
+                sampled["epochs"] + trained["epochs"],
+                before + trained["seconds"],
+                _curve(run, "sample") + _curve(trained_run, "train", sampled["epochs"], before),
+            )
         if random:
             random_run = phases.open_run(run.store.url, {"subspace": "random", "start": "first"}, progress=False)
             basis, trained = phases.basis(random_run), phases.train(random_run)
-            out["random"] = Outcome(trained["test_accuracy"], trained["epochs"], basis["seconds"] + trained["seconds"],
-                                    _curve(random_run, "train", 0, basis["seconds"]))
+            out["random"] = Outcome(
+                trained["test_accuracy"],
+                trained["epochs"],
+                basis["seconds"] + trained["seconds"],
+                _curve(random_run, "train", 0, basis["seconds"]),
+            )
         return out
 
 
@@ -127,14 +145,23 @@ def tune(setting: Setting, work: Path) -> tuple[float, dict[str, float], Outcome
     """
     if len(setting.lrs) == 1:
         return setting.lrs[0], {}, None
-    tried = {lr: Runner(setting, setting.seeds[0], 0.0, lr, work / "grid").sgd(f"sgd-lr{lr:g}")[1]
-             for lr in setting.lrs}
+    tried = {
+        lr: Runner(setting, setting.seeds[0], 0.0, lr, work / "grid").sgd(f"sgd-lr{lr:g}")[1] for lr in setting.lrs
+    }
     best = max(tried, key=lambda lr: (tried[lr].test_accuracy, -lr))
     return best, {f"{lr:g}": o.test_accuracy for lr, o in tried.items()}, tried[best]
 
 
-def run_methods(setting: Setting, seed: int, noise: float, lr: float, work: Path, budgets: tuple[str, ...],
-                extras: bool, sgd: Outcome | None = None) -> dict[str, Outcome]:
+def run_methods(
+    setting: Setting,
+    seed: int,
+    noise: float,
+    lr: float,
+    work: Path,
+    budgets: tuple[str, ...],
+    extras: bool,
+    sgd: Outcome | None = None,
+) -> dict[str, Outcome]:
     """Every method once on ``setting`` with this seed and label noise (``sgd``: its run, already done)."""
     runner = Runner(setting, seed, noise, lr, work)
     out = {"sgd": sgd or runner.sgd("sgd")[1]}
@@ -160,9 +187,12 @@ def summarize(per_seed: list[dict[str, Outcome]]) -> dict[str, dict[str, Any]]:
         hits = [r for r in reached if r is not None]
         acc = np.array([o.test_accuracy for o in outcomes])
         summary[method] = {
-            "test_accuracy": float(acc.mean()), "test_accuracy_std": float(acc.std()),
-            "test_accuracies": acc.tolist(), "epochs": float(np.mean([o.epochs for o in outcomes])),
-            "seconds": float(np.mean([o.seconds for o in outcomes])), "reached_sgd": len(hits),
+            "test_accuracy": float(acc.mean()),
+            "test_accuracy_std": float(acc.std()),
+            "test_accuracies": acc.tolist(),
+            "epochs": float(np.mean([o.epochs for o in outcomes])),
+            "seconds": float(np.mean([o.seconds for o in outcomes])),
+            "reached_sgd": len(hits),
             "epochs_to_sgd": float(np.mean([h[0] for h in hits])) if hits else None,
             "seconds_to_sgd": float(np.mean([h[1] for h in hits])) if hits else None,
             "curve_seed0": outcomes[0].curve,
@@ -180,14 +210,15 @@ def describe(setting: Setting, lr: float, grid: dict[str, float], extra: str = "
     """The heading of a setting's table: what ran, on which seeds, with which budgets and learning rate."""
     tried = ", ".join(f"{k}: {v:.4f}" for k, v in grid.items())
     chosen = f"lr {lr:g}, the best of a grid on seed {setting.seeds[0]} ({tried})" if len(grid) > 1 else f"lr {lr:g}"
-    return (f"**{setting.label}** ({setting.model} on {setting.data}; seeds {', '.join(map(str, setting.seeds))}; "
-            f"SGD {setting.sgd_epochs} epochs, cosine, {chosen}; {extra}"
-            f"DLDR {setting.dldr or 'the README defaults'}"
-            f"{f'; every method {setting.common}' if setting.common else ''})\n\n")
+    return (
+        f"**{setting.label}** ({setting.model} on {setting.data}; seeds {', '.join(map(str, setting.seeds))}; "
+        f"SGD {setting.sgd_epochs} epochs, cosine, {chosen}; {extra}"
+        f"DLDR {setting.dldr or 'the README defaults'}"
+        f"{f'; every method {setting.common}' if setting.common else ''})\n\n"
+    )
 
 
-def compare(settings: list[Setting], noises: tuple[float, ...], work: Path,
-            extras: bool) -> dict[str, dict[str, Any]]:
+def compare(settings: list[Setting], noises: tuple[float, ...], work: Path, extras: bool) -> dict[str, dict[str, Any]]:
     """{setting label: {"lr", "grid", noise: summary}}, printing a line per seed as it goes.
 
     ``extras``: every DLDR budget, the step schedule and the random subspace (the wall-clock
@@ -203,8 +234,9 @@ def compare(settings: list[Setting], noises: tuple[float, ...], work: Path,
             per_seed = []
             for seed in setting.seeds:
                 reuse = tuned if seed == setting.seeds[0] and noise == 0 else None
-                outcomes = run_methods(setting, seed, noise, lr, work / f"{setting.model}-{noise}-{seed}", budgets,
-                                       extras, reuse)
+                outcomes = run_methods(
+                    setting, seed, noise, lr, work / f"{setting.model}-{noise}-{seed}", budgets, extras, reuse
+                )
                 print(_line(setting.label, noise, seed, outcomes), flush=True)
                 per_seed.append(outcomes)
             results[setting.label][str(noise)] = summarize(per_seed)
@@ -220,19 +252,45 @@ def _line(label: str, noise: float, seed: int, outcomes: dict[str, Outcome]) -> 
 # cosine SGD's learning-rate grid, on the first seed
 LRS = (0.02, 0.05, 0.1)
 PRESETS: dict[str, list[Setting]] = {
-    "cpu": [Setting("digits, MLP", "mlp", "digits", 60, LRS),
-            Setting("digits, CNN", "cnn", "digits", 60, LRS)],
+    "cpu": [Setting("digits, MLP", "mlp", "digits", 60, LRS), Setting("digits, CNN", "cnn", "digits", 60, LRS)],
     # 24 epochs, so the budgets are whole epochs: cosine SGD converges well before (LeNet-5 at lr 0.02,
     # seed 0: 0.9065 after a 10-epoch cosine, 0.9072 after a 30-epoch one). LeNet-5 (about 6 s an
     # epoch here) runs two seeds to keep the preset under an hour on 2 cores.
-    "fashion": [Setting("Fashion-MNIST, MLP", "mlp", "fashion-mnist", 24, LRS),
-                Setting("Fashion-MNIST, LeNet-5", "lenet5", "fashion-mnist", 24, LRS, seeds=(0, 1))],
-    "gpu": [Setting("CIFAR-shaped, ResNet-20", "cifar_resnet20", "synthetic:3x32x32:10", 60, (0.1,),
-                    dldr={"snapshot_every": 0, "dim": 15}, common={"device": "cuda"}),
-            Setting("224 px, resnet18", "resnet18", "synthetic:3x224x224:100", 30, (0.1,),
-                    common={"device": "cuda", "batch_size": 64, "precision": "bf16"})],
-    "smoke": [Setting("digits, MLP", "mlp", "digits", 3, (0.05, 0.1), budgets=("1/3", "2/3"),
-                      dldr={"snapshot_every": 1, "dim": 4, "subspace_epochs": 1}, seeds=(0,))],
+    "fashion": [
+        Setting("Fashion-MNIST, MLP", "mlp", "fashion-mnist", 24, LRS),
+        Setting("Fashion-MNIST, LeNet-5", "lenet5", "fashion-mnist", 24, LRS, seeds=(0, 1)),
+    ],
+    "gpu": [
+        Setting(
+            "CIFAR-shaped, ResNet-20",
+            "cifar_resnet20",
+            "synthetic:3x32x32:10",
+            60,
+            (0.1,),
+            dldr={"snapshot_every": 0, "dim": 15},
+            common={"device": "cuda"},
+        ),
+        Setting(
+            "224 px, resnet18",
+            "resnet18",
+            "synthetic:3x224x224:100",
+            30,
+            (0.1,),
+            common={"device": "cuda", "batch_size": 64, "precision": "bf16"},
+        ),
+    ],
+    "smoke": [
+        Setting(
+            "digits, MLP",
+            "mlp",
+            "digits",
+            3,
+            (0.05, 0.1),
+            budgets=("1/3", "2/3"),
+            dldr={"snapshot_every": 1, "dim": 4, "subspace_epochs": 1},
+            seeds=(0,),
+        )
+    ],
 }
 
 # the learning rate cosine SGD's grid picked for both Fashion-MNIST models in `dldr bench wallclock

@@ -1,4 +1,5 @@
 """What the subspace optimizers share: one parameter group, a flat view, float64 state."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable

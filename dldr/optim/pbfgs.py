@@ -10,6 +10,7 @@ alpha * beta: the rare steps that overshoot far then take two or three trials in
 six, and trials are what a step costs beyond SGD's. Trial forwards run without autograd, and the
 given buffers (BatchNorm running statistics) are restored in memory after each one.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,11 @@ def inverse_hessian_update(inv_hessian: torch.Tensor, s: torch.Tensor, y: torch.
     d x d arithmetic."""
     hy = inv_hessian @ y
     rho = 1.0 / float(y @ s)
-    return (inv_hessian.addr(s, s, alpha=rho * (1.0 + rho * float(y @ hy)))
-            .addr_(hy, s, alpha=-rho).addr_(s, hy, alpha=-rho))
+    return (
+        inv_hessian.addr(s, s, alpha=rho * (1.0 + rho * float(y @ hy)))
+        .addr_(hy, s, alpha=-rho)
+        .addr_(s, hy, alpha=-rho)
+    )
 
 
 def backtrack(alpha: float, rise: float, slope: float, beta: float) -> float:
@@ -52,15 +56,41 @@ class PBFGS(SubspaceOptimizer):
     ``step(closure)``: the closure zeroes the gradients, computes the mini-batch loss, calls
     ``backward()`` when gradients are enabled, and returns the loss. It is called once with
     gradients and then without, at each line-search trial, on the same batch.
+
+    Args:
+        params: the model's trainable parameters, in the order the subspace's rows follow.
+        subspace: the basis P (this rank's rows) that steps are taken in (``dldr.subspace.Subspace``).
+        buffers: tensors a trial forward may change (BatchNorm running statistics); they are restored
+            after each trial, so that only the accepted step's training forward moves them.
+        sigma: Armijo's sufficient-decrease constant, in (0, 1) (default: 0.4).
+        beta: backtracking factor, in (0, 1): the most of a failed trial's step the next one keeps
+            (default: 0.55).
+        max_trials: line-search trials per step; when none is accepted, w stays where it was, the
+            inverse Hessian is reset and the step counts as a line-search failure (default: 20).
+        interpolate: after a failed trial, step to the minimiser of the parabola through f(0), f'(0) and
+            f(alpha), kept within [0.1, beta] alpha; False: beta alpha, the paper's (default: True).
+        curvature_eps: the least y^T s for which a BFGS update is made; smaller pairs are skipped,
+            which keeps the inverse Hessian positive definite (default: 1e-10).
     """
 
-    def __init__(self, params: Iterable[nn.Parameter], subspace: Subspace,
-                 buffers: Iterable[torch.Tensor] = (), sigma: float = 0.4, beta: float = 0.55,
-                 max_trials: int = 20, interpolate: bool = True, curvature_eps: float = 1e-10):
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        subspace: Subspace,
+        buffers: Iterable[torch.Tensor] = (),
+        sigma: float = 0.4,
+        beta: float = 0.55,
+        max_trials: int = 20,
+        interpolate: bool = True,
+        curvature_eps: float = 1e-10,
+    ):
         if not 0 < sigma < 1 or not 0 < beta < 1 or max_trials < 1:
             raise ValueError(f"need 0 < sigma < 1, 0 < beta < 1, max_trials >= 1; got {sigma}, {beta}, {max_trials}")
-        super().__init__(params, subspace, dict(sigma=sigma, beta=beta, max_trials=max_trials,
-                                                interpolate=interpolate, curvature_eps=curvature_eps))
+        super().__init__(
+            params,
+            subspace,
+            dict(sigma=sigma, beta=beta, max_trials=max_trials, interpolate=interpolate, curvature_eps=curvature_eps),
+        )
         self.buffers = list(buffers)
 
     def _state(self) -> dict[str, Any]:
@@ -69,9 +99,16 @@ class PBFGS(SubspaceOptimizer):
             # on the parameters' device, with the projected gradient, where load_state_dict puts it too
             d, like = self.subspace.dim, dict(dtype=torch.float64, device=self._flat.params[0].device)
             state.update(
-                coords=torch.zeros(d, **like), inv_hessian=torch.eye(d, **like),
-                prev_grad=torch.zeros(d, **like), prev_step=torch.zeros(d, **like),
-                n_iter=0, trials=0, line_search_failures=0, curvature_skips=0, descent_resets=0, fresh=True,
+                coords=torch.zeros(d, **like),
+                inv_hessian=torch.eye(d, **like),
+                prev_grad=torch.zeros(d, **like),
+                prev_step=torch.zeros(d, **like),
+                n_iter=0,
+                trials=0,
+                line_search_failures=0,
+                curvature_skips=0,
+                descent_resets=0,
+                fresh=True,
             )
         return state
 
@@ -116,8 +153,15 @@ class PBFGS(SubspaceOptimizer):
         state.update(inv_hessian=inv_hessian, prev_grad=grad, prev_step=step, n_iter=state["n_iter"] + 1)
         return loss
 
-    def _line_search(self, closure: Callable[[], torch.Tensor], f0: float, direction: torch.Tensor,
-                     slope: float, group: dict[str, Any], state: dict[str, Any]) -> float | None:
+    def _line_search(
+        self,
+        closure: Callable[[], torch.Tensor],
+        f0: float,
+        direction: torch.Tensor,
+        slope: float,
+        group: dict[str, Any],
+        state: dict[str, Any],
+    ) -> float | None:
         """Armijo backtracking on the current batch; leaves w at the accepted point, or unchanged."""
         lifted = self.subspace.lift(direction)
         base = self._flat.get()

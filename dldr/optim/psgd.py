@@ -2,6 +2,7 @@
 
 The momentum buffer lives in the d coordinates, so a step costs one projection and one lift.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -14,6 +15,15 @@ from dldr.subspace import Subspace
 
 
 class PSGD(SubspaceOptimizer):
+    """SGD with heavy-ball momentum on the coordinates c of w = w_start + P c.
+
+    Args:
+        params: the model's trainable parameters, in the order the subspace's rows follow.
+        subspace: the basis P (this rank's rows) that steps are taken in (``dldr.subspace.Subspace``).
+        lr: the learning rate, above 0 (a scheduler may change it, as with torch.optim.SGD).
+        momentum: the momentum factor, in [0, 1) (default: 0.9).
+    """
+
     def __init__(self, params: Iterable[nn.Parameter], subspace: Subspace, lr: float, momentum: float = 0.9):
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"need lr > 0 and 0 <= momentum < 1; got {lr}, {momentum}")
