@@ -49,9 +49,11 @@ from dldr.tracking import Tracking
 CHECKPOINTS = "checkpoints"
 PROGRESS = "progress.json"  # in each Ray Train checkpoint: see ``RaySession``
 CONNECT_TIMEOUT_S = 5.0
-# ray.train.report waits for the controller's next poll of the workers (2 s by default): with
-# a report per epoch that dominates short epochs, so a local instance polls more often.
-LOCAL_HEALTH_CHECK_INTERVAL_S = "0.25"
+# Ray Train's settings for a local instance dldr starts (a cluster keeps its own): ray.train.report
+# waits for the controller's next poll of the workers (every 2 s by default), which with a report
+# per epoch dominates short epochs; a preemption watcher is an actor process of its own, and
+# there is no one to preempt a local instance.
+LOCAL_TRAIN_SETTINGS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 @dataclass
@@ -125,10 +127,17 @@ def cluster(address: str, report: bool = True) -> Iterator[None]:
                 ray.init(address="auto", configure_logging=False, log_to_driver=True)
             else:
                 _loopback_only()
-                os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_INTERVAL_S)
+                for key, value in LOCAL_TRAIN_SETTINGS.items():
+                    os.environ.setdefault(key, value)
                 temp_dir = tempfile.mkdtemp(prefix="dldr-ray-", dir="/tmp")  # short: Ray puts sockets inside
                 cleanup.callback(shutil.rmtree, temp_dir, ignore_errors=True)
-                ray.init(address="local", _temp_dir=temp_dir, configure_logging=False, log_to_driver=True)
+                ray.init(
+                    address="local",
+                    _temp_dir=temp_dir,
+                    include_dashboard=False,  # 2 s of start-up; a cluster of its own has one
+                    configure_logging=False,
+                    log_to_driver=True,
+                )
         except (ConnectionError, ray.exceptions.AuthenticationError) as e:
             first = str(e).strip().splitlines()[0]
             raise DldrError(
