@@ -30,7 +30,7 @@ from ray.exceptions import AuthenticationError
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 import dldr
-from dldr.config import Config, read_spec
+from dldr.config import AUTO, Config, read_spec
 from dldr.errors import DldrError
 from dldr.store import holds_run
 
@@ -160,6 +160,8 @@ def submit(spec: str, overrides: dict[str, Any], address: str = "") -> Submissio
             "(give the cluster with `dldr submit --address http://HOST:8265`)"
         )
     values.update(overrides)
+    if values.get("workers") in (None, AUTO):  # decided here, not on this machine: a job runs on a cluster
+        values["workers"] = 1
     job_id = f"dldr-{Path(spec).stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_dir = values.get("run_dir") or f"runs/{job_id}"
     if "://" not in run_dir:

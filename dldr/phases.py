@@ -399,8 +399,9 @@ def _epoch_metrics(
     metrics = {**values, "train_loss": float(mean[0]) / run.comm.world_size}
     for split in ("val", "test") if run.cfg.holdout else ("test",):
         metrics[f"{split}_loss"], metrics[f"{split}_accuracy"] = evaluate(run, model, data, split)
-    if run.session.node() is not None:  # where each rank ran: a worker group restarted after a node loss moves
-        metrics["nodes"] = run.comm.all_gather_object(run.session.node())
+    node = run.session.node()
+    if node is not None:  # where each rank ran: a worker group restarted after a node loss moves
+        metrics["nodes"] = run.comm.all_gather_object(node)
     return metrics
 
 

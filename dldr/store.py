@@ -58,7 +58,8 @@ _WRITER = {
 }
 # What dldr writes into a run directory: a file there that the manifest does not list (a crash
 # came between its rename and its record) is a leftover, and so is any temporary file.
-OWN_FOLDERS = ("snapshots/", "basis/", "subspace/", "plots/", "data/", "tensorboard/")
+TENSORBOARD = "tensorboard"  # the folder of --tracker tensorboard's event files
+OWN_FOLDERS = ("snapshots/", "basis/", "subspace/", "plots/", "data/", f"{TENSORBOARD}/")
 OWN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors")
 TMP_MARK = ".tmp-"
 LOCK = ".dldr.lock"

@@ -23,9 +23,8 @@ from typing import Any
 
 from dldr.config import Config
 from dldr.errors import DldrError
-from dldr.store import RunStore
+from dldr.store import TENSORBOARD, RunStore
 
-TENSORBOARD = "tensorboard"  # the run directory's folder of event files
 EXPERIMENT = "dldr"  # the MLflow experiment, unless MLFLOW_EXPERIMENT_NAME names another
 # the files the driver logs as artifacts at the end of a command, where the run directory holds them
 ARTIFACTS = ("summary.json", "basis/report.json", "plots/curves.png", "plots/explained_variance.png")
@@ -66,8 +65,8 @@ def _mlflow_uri() -> str:
 
 
 def start(cfg: Config, store: RunStore, command: str) -> Tracking:
-    """Open the command's MLflow run with the config as its parameters (where --tracker asks for MLflow)."""
-    check(cfg)
+    """Open the command's MLflow run with the config as its parameters (where --tracker asks for MLflow);
+    ``check`` has found the packages before any work."""
     if "tensorboard" in cfg.trackers:
         _text(store, "config", cfg.to_yaml())
     if "mlflow" not in cfg.trackers:

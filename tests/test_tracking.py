@@ -19,8 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dldr.cli import main
 from dldr.config import Config
-from dldr.store import RunStore
-from dldr.tracking import TENSORBOARD
+from dldr.store import TENSORBOARD, RunStore
 from tests.helpers import free_port, stderr_lines
 
 FIT = [
