@@ -157,9 +157,12 @@ def test_two_ray_workers_on_s3_log_to_an_mlflow_server(mlflow_server, s3, tmp_pa
     assert len(shards) == 2 and len(shards[0]) == len(shards[1]) == 45
     for rel in [*shards[0][-3:], *shards[1][-3:], *store.files("basis/")]:  # written by each rank, checksummed
         store.read_bytes(rel)
-    # Ray Train's checkpoints went to the same bucket, through its own storage layer
-    checkpoints = s3fs.S3FileSystem(skip_instance_cache=True).find(store.abspath("checkpoints"))
-    assert any(p.endswith("/state.pt") for p in checkpoints) and any(p.endswith("/rank-00001.pt") for p in checkpoints)
+    # Ray Train's checkpoints went to the same bucket, through its own storage layer: the last two it
+    # keeps mark the end of phases 1 and 2 (phase 3 resumes from subspace/state.pt)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    marks = sorted(p for p in fs.find(store.abspath("checkpoints")) if p.endswith("/progress.json"))
+    assert [p.split("/")[-2] for p in marks] == ["basis-finished", "sample-finished"]
+    assert json.loads(fs.cat(marks[0])) == {"phase": "basis", "completed": ["sample", "basis"]}
 
     _check_mlflow(MlflowClient(mlflow_server), store)
     events = tmp_path / "events"
